@@ -1,0 +1,146 @@
+"""The one LightningDataModule every echo-lvdm model trains, validates, tests and predicts from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from datamodules.clips import PAD_MODES, PadMode
+from datamodules.dataset import EchoNetVideoDataset, Sampling
+from datamodules.filelist import SPLITS, BadEntry, DataValidationError, OnBad, Verify, read_split, report_bad
+
+Split = Literal["train", "val", "test"]
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+
+
+class EchoNetDataModule(L.LightningDataModule):
+    """EchoNet-Dynamic-layout folders (``FileList.csv`` + ``Videos/``) → batches of the shared contract.
+
+    Batches are dicts: ``video`` float32 ``(B, T, C, H, W)`` in [-1, 1], ``ef`` float32 ``(B,)`` percent, ``index``
+    int64 ``(B,)`` row in the split's table, ``patient`` int64 ``(B,)`` identity, ``fps`` float32 ``(B,)``.
+
+    Args:
+        root: dataset folder used for every split not given its own root.
+        train_root / val_root / test_root: per-split folders (e.g. train on a synthetic folder, validate and test on
+            real data). Each is read for its own split label (``Split`` column, any letter case).
+        sampling: ``"clip"`` (contiguous clips) or ``"frames"`` (``num_frames`` random frames of one video, as the
+            re-identification model needs).
+        clip_length: frames per clip. ``period``: take every n-th source frame. ``fps``: instead of ``period``,
+            resample every video to this frame rate (real EchoNet videos run at 38–50 fps).
+        pad: rule for videos shorter than a clip — ``reflect`` (default), ``loop``, ``last`` or ``zeros``
+            (EchoNet-Dynamic's); see :mod:`datamodules.clips`.
+        channels: 1 = grayscale (RGB videos converted by luma), 3 = RGB. ``size``: resize frames to this (int or
+            (H, W)) with antialiased bilinear interpolation; None keeps the file's size.
+        on_bad: ``"error"`` reports every broken entry in one error at ``setup()``; ``"skip"`` drops them with one
+            counted warning. ``verify``: ``"open"`` decodes each video's first frame at setup, ``"decode"`` all of
+            it (slow, exact frame counts), ``"none"`` trusts the FileList.
+        eval_seed: fixes val/test/predict clip positions (training clips follow ``seed_everything``).
+        predict_split: the split ``predict`` iterates.
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        *,
+        train_root: str | Path | None = None,
+        val_root: str | Path | None = None,
+        test_root: str | Path | None = None,
+        sampling: Sampling = "clip",
+        clip_length: int = 16,
+        period: int = 1,
+        fps: float | None = None,
+        num_frames: int = 2,
+        pad: PadMode = "reflect",
+        channels: Literal[1, 3] = 1,
+        size: int | tuple[int, int] | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        on_bad: OnBad = "error",
+        verify: Verify = "open",
+        eval_seed: int = 0,
+        predict_split: Split = "test",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if pad not in PAD_MODES:
+            raise ValueError(f"pad must be one of {PAD_MODES}, got {pad!r}")
+        if fps is not None and period != 1:
+            raise ValueError(f"give either period ({period}) or fps ({fps}), not both")
+        if clip_length < 1 or num_frames < 1 or period < 1 or batch_size < 1:
+            raise ValueError("clip_length, num_frames, period and batch_size must be ≥ 1")
+        roots = {"train": train_root or root, "val": val_root or root, "test": test_root or root}
+        self.roots = {split: Path(path) if path is not None else None for split, path in roots.items()}
+        self.datasets: dict[str, EchoNetVideoDataset] = {}
+        self.skipped: dict[str, list[BadEntry]] = {}
+
+    def root_for(self, split: Split) -> Path:
+        root = self.roots[split]
+        if root is None:
+            raise ValueError(f"no dataset folder for the {split} split: set data.root or data.{split}_root")
+        return root
+
+    def _build(self, split: Split) -> EchoNetVideoDataset:
+        hp = self.hparams
+        table = read_split(self.root_for(split), split, verify=hp.verify)
+        self.skipped[split] = table.skipped
+        if not table.records and not table.skipped:
+            labels = "/".join(SPLITS)
+            raise DataValidationError(f"{table.root / 'FileList.csv'}: no row has Split={split.upper()} (expected {labels})")
+        return EchoNetVideoDataset(
+            table.records,
+            sampling=hp.sampling,
+            clip_length=hp.clip_length,
+            period=hp.period if hp.fps is None else None,
+            target_fps=hp.fps,
+            num_frames=hp.num_frames,
+            pad=hp.pad,
+            channels=hp.channels,
+            size=hp.size,
+            random=split == "train",
+            eval_seed=hp.eval_seed,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and check every split the stage needs; all broken entries of all of them are reported together."""
+        if stage == "predict":
+            splits = (self.hparams.predict_split,)
+        else:
+            splits = _STAGE_SPLITS.get(stage, ("train", "val", "test"))
+        wanted = [split for split in splits if split not in self.datasets]
+        built = {split: self._build(split) for split in wanted}
+        bad = [entry for split in wanted for entry in self.skipped[split]]
+        total = sum(len(built[split]) for split in wanted) + len(bad)
+        report_bad(bad, self.hparams.on_bad, total=total)
+        for split, dataset in built.items():
+            if len(dataset) == 0:
+                raise DataValidationError(f"{self.root_for(split) / 'FileList.csv'}: every {split} row was skipped")
+        self.datasets.update(built)
+
+    def _loader(self, split: Split, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        workers = self.hparams.num_workers
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.hparams.predict_split, shuffle=False)

@@ -1,0 +1,128 @@
+"""Pixel-space EchoNet dataset: checked FileList rows in, batch-contract items out."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from datamodules.clips import PadMode, clip_indices, frame_sample_indices, max_clip_start
+from datamodules.filelist import VideoRecord
+from datamodules.video_io import read_video
+
+Sampling = Literal["clip", "frames"]
+
+
+def patient_id(name: str) -> int:
+    """A stable int64 identity for a patient name: the same in every split, folder, process and run."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def resolve_step(source_fps: float, period: float | None, target_fps: float | None) -> float:
+    """Source frames between two returned frames: the period, or source fps / target fps (fractional allowed)."""
+    if target_fps is not None:
+        if target_fps <= 0:
+            raise ValueError(f"target fps must be positive, got {target_fps}")
+        return source_fps / target_fps
+    return float(period or 1)
+
+
+def to_model_range(frames: np.ndarray) -> torch.Tensor:
+    """uint8 ``(T, H, W[, C])`` → float32 ``(T, C, H, W)`` in [-1, 1]."""
+    tensor = torch.from_numpy(frames).float().div_(127.5).sub_(1.0)
+    return tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
+
+
+class EchoNetVideoDataset(Dataset):
+    """Items of the shared batch contract (see DESIGN.md) from checked :class:`VideoRecord` rows.
+
+    Each item: ``video`` float32 ``(T, C, H, W)`` in [-1, 1]; ``ef`` float32 (percent, the FileList value); ``index``
+    int64 (position in ``records``); ``patient`` int64 (:func:`patient_id` of the PatientID, or of the FileName when
+    the FileList has no PatientID column; ``patient_names`` maps it back);
+    ``fps`` float32 (of the returned frames).
+
+    ``sampling="clip"``: ``clip_length`` contiguous frames every ``period`` source frames, or resampled to
+    ``target_fps``; short videos padded by ``pad`` (see :mod:`datamodules.clips`). ``sampling="frames"``:
+    ``num_frames`` distinct random frames of the video, in time order. With ``random=True`` (training) the clip start /
+    frame choice comes from torch's RNG, which Lightning seeds per worker under ``seed_everything``; otherwise it is a
+    fixed function of ``(eval_seed, index)``, identical in every epoch and process.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[VideoRecord],
+        *,
+        sampling: Sampling = "clip",
+        clip_length: int = 16,
+        period: int | None = 1,
+        target_fps: float | None = None,
+        num_frames: int = 2,
+        pad: PadMode = "reflect",
+        channels: int = 1,
+        size: int | tuple[int, int] | None = None,
+        random: bool = False,
+        eval_seed: int = 0,
+    ) -> None:
+        if sampling not in ("clip", "frames"):
+            raise ValueError(f"sampling must be 'clip' or 'frames', got {sampling!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        if period is not None and target_fps is not None and period != 1:
+            raise ValueError("give either period or target fps, not both")
+        self.records = list(records)
+        self.sampling = sampling
+        self.clip_length = clip_length
+        self.period = period
+        self.target_fps = target_fps
+        self.num_frames = num_frames
+        self.pad: PadMode = pad
+        self.channels = channels
+        self.size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
+        self.random = random
+        self.eval_seed = eval_seed
+        self.patient_ids = [patient_id(record.patient) for record in self.records]
+        self.patient_names = {pid: record.patient for pid, record in zip(self.patient_ids, self.records, strict=True)}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        if self.random:
+            return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        return np.random.default_rng((self.eval_seed, index))
+
+    def frame_plan(self, index: int) -> tuple[np.ndarray, float]:
+        """Source frame indices of item ``index`` (-1 = black pad frame) and the fps of the returned frames."""
+        record = self.records[index]
+        rng = self._rng(index)
+        if self.sampling == "frames":
+            return frame_sample_indices(record.num_frames, self.num_frames, rng), record.fps
+        step = resolve_step(record.fps, self.period, self.target_fps)
+        start = int(rng.integers(0, max_clip_start(record.num_frames, self.clip_length, step) + 1))
+        return clip_indices(record.num_frames, self.clip_length, step, start, self.pad), record.fps / step
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        record = self.records[index]
+        indices, fps = self.frame_plan(index)
+        present = indices >= 0
+        frames = read_video(record.path, gray=self.channels == 1, indices=indices[present])
+        if not present.all():
+            padded = np.zeros((len(indices), *frames.shape[1:]), dtype=np.uint8)
+            padded[present] = frames
+            frames = padded
+        video = to_model_range(frames)
+        if self.size is not None and tuple(video.shape[-2:]) != self.size:
+            video = F.interpolate(video, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+            video = video.clamp_(-1.0, 1.0)
+        return {
+            "video": video,
+            "ef": torch.tensor(record.ef, dtype=torch.float32),
+            "index": torch.tensor(index, dtype=torch.int64),
+            "patient": torch.tensor(self.patient_ids[index], dtype=torch.int64),
+            "fps": torch.tensor(fps, dtype=torch.float32),
+        }

@@ -1,0 +1,204 @@
+"""Reading and validating an EchoNet-Dynamic ``FileList.csv``.
+
+Everything that can be wrong with an entry is found here, in ``setup()``, and reported together: one error naming the
+file, the CSV line and what was expected — or, with ``on_bad="skip"``, one warning counting what was skipped. Nothing
+reaches a DataLoader worker that has not been checked.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+from datamodules.video_io import VideoReadError, probe_video
+
+OnBad = Literal["error", "skip"]
+Verify = Literal["none", "open", "decode"]
+SPLITS = ("TRAIN", "VAL", "TEST")
+_SPLIT_ALIASES = {"VALIDATION": "VAL", "VALID": "VAL", "TESTING": "TEST", "TRAINING": "TRAIN"}
+REQUIRED_COLUMNS = ("FileName", "EF", "Split")
+_MAX_LISTED = 25
+
+
+class DataValidationError(ValueError):
+    """A FileList or its videos have entries that cannot be used; the message lists each with file and line."""
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One usable FileList row. ``line`` is the CSV line number (the header is line 1)."""
+
+    line: int
+    file_name: str
+    path: Path
+    ef: float
+    split: str
+    patient: str
+    fps: float
+    num_frames: int
+
+
+@dataclass(frozen=True)
+class BadEntry:
+    filelist: Path
+    line: int | None
+    file_name: str
+    problem: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}" if self.line is not None else "file"
+        name = f" (FileName={self.file_name})" if self.file_name else ""
+        return f"{self.filelist}, {where}{name}: {self.problem}"
+
+
+@dataclass
+class SplitTable:
+    """The checked rows of one split of one dataset folder, plus what was skipped."""
+
+    root: Path
+    split: str
+    records: list[VideoRecord]
+    skipped: list[BadEntry] = field(default_factory=list)
+
+
+def normalize_split(value: str) -> str:
+    """``train``/``Train``/``TRAIN`` → ``TRAIN``; ``validation`` → ``VAL``."""
+    upper = value.strip().upper()
+    return _SPLIT_ALIASES.get(upper, upper)
+
+
+def video_path(root: Path, file_name: str) -> Path:
+    """EchoNet's FileList omits the extension: ``0X1A..`` lives at ``Videos/0X1A...avi``."""
+    name = file_name if Path(file_name).suffix else f"{file_name}.avi"
+    return root / "Videos" / name
+
+
+def _parse_float(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def read_split(
+    root: str | Path,
+    split: str,
+    *,
+    verify: Verify = "open",
+    verify_workers: int = 4,
+) -> SplitTable:
+    """Check the rows of ``split`` in ``root/FileList.csv``: usable ones become records, the rest ``skipped``.
+
+    Checks per row: FileName present and unique in the file; EF a finite number in [0, 100]; FPS (when the column
+    exists) positive; the video exists under ``root/Videos``; and, by ``verify``: ``"open"`` decodes the first frame,
+    ``"decode"`` decodes every frame and takes the decoded count as the length, ``"none"`` trusts the FileList.
+    Split labels match in any case. Extra columns are ignored. A missing FileList or required column always raises;
+    broken rows are returned, and the caller reports them with :func:`report_bad`.
+    """
+    root = Path(root)
+    split = normalize_split(split)
+    filelist = root / "FileList.csv"
+    if not filelist.is_file():
+        raise FileNotFoundError(f"{filelist}: no FileList.csv (expected the EchoNet-Dynamic layout: FileList.csv + Videos/)")
+    with filelist.open(newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            raise DataValidationError(f"{filelist}: file is empty, expected a header with {', '.join(REQUIRED_COLUMNS)}")
+        columns = {name.strip().lower(): i for i, name in enumerate(header)}
+        missing = [c for c in REQUIRED_COLUMNS if c.lower() not in columns]
+        if missing:
+            raise DataValidationError(
+                f"{filelist}: missing required column(s) {', '.join(missing)}; found {', '.join(header)}"
+            )
+        rows = [(line, row) for line, row in enumerate(reader, start=2) if any(cell.strip() for cell in row)]
+
+    def cell(row: list[str], column: str) -> str | None:
+        i = columns.get(column.lower())
+        return row[i].strip() if i is not None and i < len(row) else None
+
+    names = Counter(Path(cell(row, "FileName") or "").stem for _, row in rows)
+    has_patient = "patientid" in columns
+    has_fps = "fps" in columns
+    candidates: list[tuple[int, str, float, str, float | None, int | None]] = []
+    bad: list[BadEntry] = []
+    for line, row in rows:
+        if normalize_split(cell(row, "Split") or "") != split:
+            continue
+        name = cell(row, "FileName") or ""
+        ef = _parse_float(cell(row, "EF"))
+        fps = _parse_float(cell(row, "FPS"))
+        frames = _parse_float(cell(row, "NumberOfFrames"))
+        problem = None
+        if not name:
+            problem = "empty FileName"
+        elif names[Path(name).stem] > 1:
+            problem = f"duplicate FileName ({names[Path(name).stem]} rows share it)"
+        elif ef is None or not math.isfinite(ef) or not 0.0 <= ef <= 100.0:
+            problem = f"EF is {cell(row, 'EF')!r}, expected a number in [0, 100] (percent)"
+        elif has_fps and (fps is None or not math.isfinite(fps) or fps <= 0):
+            problem = f"FPS is {cell(row, 'FPS')!r}, expected a positive number"
+        elif not video_path(root, name).is_file():
+            problem = f"video missing: {video_path(root, name)}"
+        if problem:
+            bad.append(BadEntry(filelist, line, name, problem))
+            continue
+        patient = (cell(row, "PatientID") or name) if has_patient else name
+        n = int(frames) if frames is not None and frames >= 1 else None
+        candidates.append((line, name, float(ef), patient, fps, n))
+
+    def probe(candidate):
+        line, name, _, _, _, frames = candidate
+        if verify == "none":
+            return None, None
+        try:
+            # Without a NumberOfFrames column the length has to come from decoding: headers lie.
+            return probe_video(video_path(root, name), decode=verify == "decode" or frames is None), None
+        except VideoReadError as err:
+            return None, BadEntry(filelist, line, name, f"undecodable video ({err})")
+
+    with ThreadPoolExecutor(max_workers=max(1, verify_workers)) as pool:
+        probes = list(pool.map(probe, candidates))
+
+    records = []
+    for (line, name, ef, patient, fps, frames), (info, problem) in zip(candidates, probes, strict=True):
+        if problem:
+            bad.append(problem)
+            continue
+        if info is not None:
+            fps = fps or info.fps
+            if verify == "decode" or frames is None:
+                frames = info.num_frames
+        if not frames or not fps:
+            # Without a verified length or frame rate there is no way to plan clips: say so rather than guess.
+            bad.append(BadEntry(filelist, line, name, "unknown NumberOfFrames/FPS (add the columns or use verify='decode')"))
+            continue
+        records.append(VideoRecord(line, name, video_path(root, name), ef, split, patient, float(fps), int(frames)))
+
+    bad.sort(key=lambda entry: entry.line or 0)
+    return SplitTable(root, split, records, bad)
+
+
+def report_bad(bad: list[BadEntry], on_bad: OnBad, *, total: int) -> None:
+    """Raise one error listing ``bad`` (``on_bad="error"``) or warn once with their count (``"skip"``)."""
+    if not bad:
+        return
+    listed = "\n".join(f"  {entry}" for entry in bad[:_MAX_LISTED])
+    more = f"\n  … and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+    if on_bad == "error":
+        raise DataValidationError(
+            f"{len(bad)} bad entr{'y' if len(bad) == 1 else 'ies'} in the dataset:\n{listed}{more}\n"
+            "Fix them, or skip them with on_bad='skip' (CLI: --data.on_bad=skip)."
+        )
+    if on_bad != "skip":
+        raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+    kinds = Counter(entry.problem.split(" (")[0].split(":")[0] for entry in bad)
+    summary = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+    rank_zero_warn(f"skipped {len(bad)} of {total} FileList rows ({summary}):\n{listed}{more}")

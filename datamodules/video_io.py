@@ -1,0 +1,187 @@
+"""Video files in and out with PyAV (the FFmpeg bundled in its wheel).
+
+Reading returns uint8 frames, ``(T, H, W)`` grayscale or ``(T, H, W, 3)`` RGB. Frame counts come from decoding: container
+headers are often wrong (``stream.frames`` is 0 for some AVIs). Writing is atomic: frames go to a temporary file in the
+target folder, which is renamed onto the final name only once the container is closed, so a killed writer never leaves
+a half video under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+# FFmpeg's FF_QP2LAMBDA: `-q:v q` sets global_quality = q * FF_QP2LAMBDA.
+_QP2LAMBDA = 118
+_CODEC_BY_SUFFIX = {".avi": "mjpeg", ".mp4": "libx264", ".mkv": "ffv1"}
+
+
+class VideoReadError(RuntimeError):
+    """A video that is missing, not a video, or cannot be decoded. The message names the file."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What :func:`probe_video` learns of a file. ``num_frames`` is decoded, not read from the header."""
+
+    path: Path
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary name keeps the suffix (containers are chosen by it) and starts with a dot, so globbing
+    ``Videos/*.avi`` never sees a partial file.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:8]}.partial{final.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _frame_to_array(frame: av.VideoFrame, gray: bool) -> np.ndarray:
+    return frame.to_ndarray(format="gray" if gray else "rgb24")
+
+
+def iter_frames(path: str | os.PathLike, *, gray: bool = True, stop: int | None = None) -> Iterator[np.ndarray]:
+    """Decode frames ``0 .. stop-1`` (all when ``stop`` is None) one at a time, single-threaded.
+
+    Single-threaded decoding is deliberate: FFmpeg's frame threads oversubscribe small machines; parallelism comes from
+    DataLoader workers instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(f"{path}: video file not found")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"{path}: no video stream in file")
+            stream = container.streams.video[0]
+            stream.thread_type = "NONE"
+            for i, frame in enumerate(container.decode(stream)):
+                if stop is not None and i >= stop:
+                    break
+                yield _frame_to_array(frame, gray)
+    except av.FFmpegError as err:
+        raise VideoReadError(f"{path}: cannot decode video ({err})") from err
+
+
+def read_video(
+    path: str | os.PathLike, *, gray: bool = True, indices: Sequence[int] | np.ndarray | None = None
+) -> np.ndarray:
+    """Read a video as uint8 ``(T, H, W)`` (gray) or ``(T, H, W, 3)`` (RGB).
+
+    ``indices`` picks frames (any order, repeats allowed); decoding stops after the largest one. An index past the end
+    of the video raises :class:`VideoReadError` naming the file and the decoded length.
+    """
+    if indices is None:
+        frames = list(iter_frames(path, gray=gray))
+        if not frames:
+            raise VideoReadError(f"{path}: video has no decodable frame")
+        return np.stack(frames)
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size == 0:
+        raise ValueError("indices is empty")
+    if indices.min() < 0:
+        raise ValueError(f"negative frame index {int(indices.min())}")
+    stop = int(indices.max()) + 1
+    frames = list(iter_frames(path, gray=gray, stop=stop))
+    if len(frames) < stop:
+        raise VideoReadError(f"{path}: frame {stop - 1} requested but the video decodes to {len(frames)} frames")
+    return np.stack([frames[i] for i in indices])
+
+
+def probe_video(path: str | os.PathLike, *, decode: bool = True) -> VideoInfo:
+    """Size, fps and frame count of a video. With ``decode=False`` only the first frame is decoded and the frame count
+    is the header's (possibly 0); with ``decode=True`` every frame is decoded and counted."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(f"{path}: video file not found")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"{path}: no video stream in file")
+            stream = container.streams.video[0]
+            stream.thread_type = "NONE"
+            rate = stream.average_rate or stream.base_rate or stream.guessed_rate
+            fps = float(rate) if rate else 0.0
+            count, first = 0, None
+            for frame in container.decode(stream):
+                if first is None:
+                    first = frame
+                    if not decode:
+                        break
+                count += 1
+            if first is None:
+                raise VideoReadError(f"{path}: video has no decodable frame")
+            num_frames = count if decode else int(stream.frames)
+            return VideoInfo(path, num_frames, first.height, first.width, fps)
+    except av.FFmpegError as err:
+        raise VideoReadError(f"{path}: cannot decode video ({err})") from err
+
+
+def write_video(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    fps: float,
+    *,
+    codec: str | None = None,
+    quality: int = 2,
+    crf: int = 18,
+) -> Path:
+    """Write uint8 frames ``(T, H, W)`` (gray) or ``(T, H, W, 3)`` (RGB) atomically; return the final path.
+
+    The codec follows the suffix unless given: ``.avi`` → MJPEG at ``-q:v quality`` (2 = visually lossless, what
+    EchoNet-style AVIs hold), ``.mp4`` → H.264 at ``crf`` (what browsers and wandb play), ``.mkv`` → lossless FFV1.
+    """
+    path = Path(path)
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim not in (3, 4) or (frames.ndim == 4 and frames.shape[-1] != 3):
+        raise ValueError(f"frames must be uint8 (T, H, W) or (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    if len(frames) == 0:
+        raise ValueError(f"{path}: refusing to write a video with no frame")
+    codec = codec or _CODEC_BY_SUFFIX.get(path.suffix.lower())
+    if codec is None:
+        raise ValueError(f"{path}: no default codec for suffix {path.suffix!r}; pass codec=")
+    in_format = "gray" if frames.ndim == 3 else "rgb24"
+    height, width = frames.shape[1:3]
+    with atomic_output(path) as tmp:
+        with av.open(str(tmp), "w") as container:
+            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height = width, height
+            if codec == "mjpeg":
+                stream.pix_fmt = "yuvj444p"
+                stream.codec_context.qscale = True
+                stream.codec_context.global_quality = quality * _QP2LAMBDA
+                stream.options = {"qmin": str(quality), "qmax": str(quality)}
+            elif codec == "libx264":
+                if height % 2 or width % 2:
+                    raise ValueError(f"{path}: H.264 needs even frame sizes, got {height}x{width}")
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": str(crf), "preset": "medium"}
+            elif codec == "ffv1":
+                stream.pix_fmt = "gray" if in_format == "gray" else "bgr0"
+            for array in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format=in_format)):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    return path

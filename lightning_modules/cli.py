@@ -1,0 +1,102 @@
+"""The ``echo-lvdm`` console script.
+
+``fit | validate | test | predict`` are LightningCLI subcommands: the model is whatever LightningModule the config's
+``model.class_path`` names, the data is always :class:`~datamodules.EchoNetDataModule`, configs stack left to right
+(``--config a.yaml --config b.yaml``), ``--print_config`` prints the resolved config and ``--ckpt_path`` resumes.
+Plain commands (``phantom``, ``inspect``) are argparse programs beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lightning.pytorch.cli import LightningCLI
+
+LIGHTNING_COMMANDS = {
+    "fit": "train a model (model.class_path picks which) on the EchoNetDataModule",
+    "validate": "run one validation loop",
+    "test": "evaluate on the test split",
+    "predict": "run predict (latent cache, synthetic datasets, …) through the config's writer callbacks",
+}
+
+
+@dataclass(frozen=True)
+class PlainCommand:
+    """A plain subcommand: ``module`` provides ``add_arguments(parser)`` and ``run(namespace) -> exit code``.
+
+    Imported only when called, so ``echo-lvdm fit`` does not import the phantom renderer and ``phantom`` does not
+    import Lightning's CLI machinery.
+    """
+
+    help: str
+    module: str
+    add_arguments: str
+    run: str
+
+    def __call__(self, name: str, argv: Sequence[str]) -> int:
+        module = importlib.import_module(self.module)
+        parser = argparse.ArgumentParser(prog=f"echo-lvdm {name}", description=self.help)
+        getattr(module, self.add_arguments)(parser)
+        return getattr(module, self.run)(parser.parse_args(argv))
+
+
+PLAIN_COMMANDS = {
+    "phantom": PlainCommand(
+        "write a procedural echo dataset (EchoNet-Dynamic layout, with ground truth)",
+        "datamodules.phantom.generate", "add_phantom_arguments", "run_phantom",
+    ),
+    "inspect": PlainCommand(
+        "check an EchoNet-layout folder through the DataModule and print a summary",
+        "datamodules.summary", "add_inspect_arguments", "run_inspect",
+    ),
+}
+
+
+class EchoLVDMCLI(LightningCLI):
+    """LightningCLI with the shared DataModule fixed and any LightningModule selectable by ``model.class_path``."""
+
+    def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
+        from datamodules.datamodule import EchoNetDataModule
+
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(
+            model_class=None,
+            datamodule_class=EchoNetDataModule,
+            subclass_mode_model=True,
+            args=list(args) if args is not None else None,
+            **kwargs,
+        )
+
+
+def _usage() -> str:
+    lines = ["usage: echo-lvdm <command> [options]", "", "Lightning commands (echo-lvdm <command> --help for every option):"]
+    lines += [f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "Tools:"]
+    lines += [f"  {name:<10} {command.help}" for name, command in PLAIN_COMMANDS.items()]
+    lines += ["", "Example: echo-lvdm fit --config configs/data/phantom.yaml --config configs/vae_quickstart.yaml"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command = argv[0]
+    if command in PLAIN_COMMANDS:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        return PLAIN_COMMANDS[command](command, argv[1:])
+    if command not in LIGHTNING_COMMANDS:
+        print(f"echo-lvdm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    EchoLVDMCLI(args=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny hand-made EchoNet folders (exact pixel values) and one small phantom per session."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datamodules.video_io import write_video
+
+FILELIST_COLUMNS = ["FileName", "EF", "ESV", "EDV", "FrameHeight", "FrameWidth", "FPS", "NumberOfFrames", "Split",
+                    "PatientID"]
+
+
+def counter_video(num_frames: int, size: int = 16, offset: int = 0) -> np.ndarray:
+    """Frame t is filled with the value ``offset + 3 t``: decoded values tell which source frame came back."""
+    values = (offset + 3 * np.arange(num_frames)) % 256
+    return np.broadcast_to(values[:, None, None], (num_frames, size, size)).astype(np.uint8).copy()
+
+
+def write_filelist(root: Path, rows: list[dict], columns: list[str] | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    columns = columns or list(rows[0])
+    with (root / "FileList.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "FileList.csv"
+
+
+def make_counter_folder(root: Path, specs: list[tuple[str, int, float, str]], *, suffix: str = ".mkv",
+                        size: int = 16) -> Path:
+    """A folder of lossless counter videos. ``specs``: (split, frames, fps, patient) per video; EF = 10 + 5 × row."""
+    rows = []
+    for i, (split, frames, fps, patient) in enumerate(specs):
+        name = f"V{i:03d}{suffix}"
+        write_video(root / "Videos" / name, counter_video(frames, size, offset=i), fps)
+        rows.append({"FileName": name, "EF": 10 + 5 * i, "ESV": 30, "EDV": 90, "FrameHeight": size,
+                     "FrameWidth": size, "FPS": fps, "NumberOfFrames": frames, "Split": split, "PatientID": patient})
+    write_filelist(root, rows)
+    return root
+
+
+@pytest.fixture
+def counter_folder(tmp_path: Path) -> Path:
+    specs = [("TRAIN", 40, 50.0, "A"), ("TRAIN", 30, 40.0, "A"), ("TRAIN", 8, 50.0, "B"), ("TRAIN", 50, 38.0, "C"),
+             ("VAL", 40, 50.0, "D"), ("VAL", 10, 50.0, "D"), ("TEST", 45, 44.0, "E"), ("TEST", 20, 50.0, "F")]
+    return make_counter_folder(tmp_path / "counter", specs)
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small phantom shared by the whole session: 12 patients × 2 videos, 64 px, 24–40 frames."""
+    from datamodules.phantom import generate_phantom
+
+    return generate_phantom(tmp_path_factory.mktemp("phantom") / "data", patients=12, videos_per_patient=2, seed=3,
+                            size=64, frames=(24, 40))
