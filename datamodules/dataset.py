@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -13,7 +15,7 @@ from torch.utils.data import Dataset
 
 from datamodules.clips import PadMode, clip_indices, frame_sample_indices, max_clip_start
 from datamodules.filelist import VideoRecord
-from datamodules.video_io import read_video
+from datamodules.video_io import ShortVideoError, read_video
 
 Sampling = Literal["clip", "frames"]
 
@@ -106,11 +108,23 @@ class EchoNetVideoDataset(Dataset):
         start = int(rng.integers(0, max_clip_start(record.num_frames, self.clip_length, step) + 1))
         return clip_indices(record.num_frames, self.clip_length, step, start, self.pad), record.fps / step
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, float]:
         record = self.records[index]
         indices, fps = self.frame_plan(index)
         present = indices >= 0
-        frames = read_video(record.path, gray=self.channels == 1, indices=indices[present])
+        return read_video(record.path, gray=self.channels == 1, indices=indices[present]), indices, fps
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        record = self.records[index]
+        try:
+            frames, indices, fps = self._read(index)
+        except ShortVideoError as err:
+            # The FileList overstated the length (verify="decode" would have caught it at setup): plan again on the
+            # decoded length rather than stop a long run inside a worker.
+            warnings.warn(f"{err}; using {err.decoded} frames (FileList line {record.line})", stacklevel=2)
+            self.records[index] = dataclasses.replace(record, num_frames=err.decoded)
+            frames, indices, fps = self._read(index)
+        present = indices >= 0
         if not present.all():
             padded = np.zeros((len(indices), *frames.shape[1:]), dtype=np.uint8)
             padded[present] = frames

@@ -50,6 +50,7 @@ class BadEntry:
     filelist: Path
     line: int | None
     file_name: str
+    kind: str  # short category, for counting: "bad EF", "missing video", ...
     problem: str
 
     def __str__(self) -> str:
@@ -136,19 +137,19 @@ def read_split(
         ef = _parse_float(cell(row, "EF"))
         fps = _parse_float(cell(row, "FPS"))
         frames = _parse_float(cell(row, "NumberOfFrames"))
-        problem = None
+        kind = problem = None
         if not name:
-            problem = "empty FileName"
+            kind = problem = "empty FileName"
         elif names[Path(name).stem] > 1:
-            problem = f"duplicate FileName ({names[Path(name).stem]} rows share it)"
+            kind, problem = "duplicate FileName", f"duplicate FileName ({names[Path(name).stem]} rows share it)"
         elif ef is None or not math.isfinite(ef) or not 0.0 <= ef <= 100.0:
-            problem = f"EF is {cell(row, 'EF')!r}, expected a number in [0, 100] (percent)"
+            kind, problem = "bad EF", f"EF is {cell(row, 'EF')!r}, expected a number in [0, 100] (percent)"
         elif has_fps and (fps is None or not math.isfinite(fps) or fps <= 0):
-            problem = f"FPS is {cell(row, 'FPS')!r}, expected a positive number"
+            kind, problem = "bad FPS", f"FPS is {cell(row, 'FPS')!r}, expected a positive number"
         elif not video_path(root, name).is_file():
-            problem = f"video missing: {video_path(root, name)}"
+            kind, problem = "missing video", f"video missing: {video_path(root, name)}"
         if problem:
-            bad.append(BadEntry(filelist, line, name, problem))
+            bad.append(BadEntry(filelist, line, name, kind, problem))
             continue
         patient = (cell(row, "PatientID") or name) if has_patient else name
         n = int(frames) if frames is not None and frames >= 1 else None
@@ -162,7 +163,7 @@ def read_split(
             # Without a NumberOfFrames column the length has to come from decoding: headers lie.
             return probe_video(video_path(root, name), decode=verify == "decode" or frames is None), None
         except VideoReadError as err:
-            return None, BadEntry(filelist, line, name, f"undecodable video ({err})")
+            return None, BadEntry(filelist, line, name, "undecodable video", f"undecodable video ({err})")
 
     with ThreadPoolExecutor(max_workers=max(1, verify_workers)) as pool:
         probes = list(pool.map(probe, candidates))
@@ -178,7 +179,8 @@ def read_split(
                 frames = info.num_frames
         if not frames or not fps:
             # Without a verified length or frame rate there is no way to plan clips: say so rather than guess.
-            bad.append(BadEntry(filelist, line, name, "unknown NumberOfFrames/FPS (add the columns or use verify='decode')"))
+            problem = "unknown NumberOfFrames/FPS (add the columns or use verify='decode')"
+            bad.append(BadEntry(filelist, line, name, "unknown length", problem))
             continue
         records.append(VideoRecord(line, name, video_path(root, name), ef, split, patient, float(fps), int(frames)))
 
@@ -199,6 +201,6 @@ def report_bad(bad: list[BadEntry], on_bad: OnBad, *, total: int) -> None:
         )
     if on_bad != "skip":
         raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
-    kinds = Counter(entry.problem.split(" (")[0].split(":")[0] for entry in bad)
+    kinds = Counter(entry.kind for entry in bad)
     summary = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
     rank_zero_warn(f"skipped {len(bad)} of {total} FileList rows ({summary}):\n{listed}{more}")

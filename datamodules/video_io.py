@@ -22,10 +22,19 @@ import numpy as np
 # FFmpeg's FF_QP2LAMBDA: `-q:v q` sets global_quality = q * FF_QP2LAMBDA.
 _QP2LAMBDA = 118
 _CODEC_BY_SUFFIX = {".avi": "mjpeg", ".mp4": "libx264", ".mkv": "ffv1"}
+_CONTAINER_BY_SUFFIX = {".avi": "avi", ".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".webm": "webm"}
 
 
 class VideoReadError(RuntimeError):
     """A video that is missing, not a video, or cannot be decoded. The message names the file."""
+
+
+class ShortVideoError(VideoReadError):
+    """Fewer frames decode than were asked for (the FileList or header overstated the length)."""
+
+    def __init__(self, message: str, decoded: int) -> None:
+        super().__init__(message)
+        self.decoded = decoded
 
 
 @dataclass(frozen=True)
@@ -43,12 +52,12 @@ class VideoInfo:
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
-    The temporary name keeps the suffix (containers are chosen by it) and starts with a dot, so globbing
-    ``Videos/*.avi`` never sees a partial file.
+    The temporary name is hidden and ends in ``.tmp``, so neither ``Videos/*.avi`` nor a FileList ever sees a partial
+    file; a killed writer leaves at most such a ``.tmp`` file behind.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:8]}.partial{final.suffix}")
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
         os.replace(tmp, final)
@@ -90,7 +99,7 @@ def read_video(
     """Read a video as uint8 ``(T, H, W)`` (gray) or ``(T, H, W, 3)`` (RGB).
 
     ``indices`` picks frames (any order, repeats allowed); decoding stops after the largest one. An index past the end
-    of the video raises :class:`VideoReadError` naming the file and the decoded length.
+    of the video raises :class:`ShortVideoError` naming the file and the decoded length.
     """
     if indices is None:
         frames = list(iter_frames(path, gray=gray))
@@ -105,7 +114,8 @@ def read_video(
     stop = int(indices.max()) + 1
     frames = list(iter_frames(path, gray=gray, stop=stop))
     if len(frames) < stop:
-        raise VideoReadError(f"{path}: frame {stop - 1} requested but the video decodes to {len(frames)} frames")
+        raise ShortVideoError(f"{path}: frame {stop - 1} requested but the video decodes to {len(frames)} frames",
+                              len(frames))
     return np.stack([frames[i] for i in indices])
 
 
@@ -158,13 +168,14 @@ def write_video(
         raise ValueError(f"frames must be uint8 (T, H, W) or (T, H, W, 3), got {frames.dtype} {frames.shape}")
     if len(frames) == 0:
         raise ValueError(f"{path}: refusing to write a video with no frame")
-    codec = codec or _CODEC_BY_SUFFIX.get(path.suffix.lower())
-    if codec is None:
-        raise ValueError(f"{path}: no default codec for suffix {path.suffix!r}; pass codec=")
+    suffix = path.suffix.lower()
+    codec = codec or _CODEC_BY_SUFFIX.get(suffix)
+    if codec is None or suffix not in _CONTAINER_BY_SUFFIX:
+        raise ValueError(f"{path}: cannot write suffix {path.suffix!r}; use one of {', '.join(_CONTAINER_BY_SUFFIX)}")
     in_format = "gray" if frames.ndim == 3 else "rgb24"
     height, width = frames.shape[1:3]
     with atomic_output(path) as tmp:
-        with av.open(str(tmp), "w") as container:
+        with av.open(str(tmp), "w", format=_CONTAINER_BY_SUFFIX[suffix]) as container:
             stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height = width, height
             if codec == "mjpeg":
