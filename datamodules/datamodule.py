@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from datamodules.clips import PAD_MODES, PadMode
 from datamodules.dataset import EchoNetVideoDataset, Sampling
 from datamodules.filelist import SPLITS, BadEntry, DataValidationError, OnBad, Verify, read_split, report_bad
+from datamodules.sampler import EpochSampler
 
 Split = Literal["train", "val", "test"]
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
@@ -37,7 +38,9 @@ class EchoNetDataModule(L.LightningDataModule):
         on_bad: ``"error"`` reports every broken entry in one error at ``setup()``; ``"skip"`` drops them with one
             counted warning. ``verify``: ``"open"`` decodes each video's first frame at setup, ``"decode"`` all of
             it (slow, exact frame counts), ``"none"`` trusts the FileList.
-        eval_seed: fixes val/test/predict clip positions (training clips follow ``seed_everything``).
+        eval_seed: fixes val/test/predict clip positions.
+        seed: seeds the training order and clips per epoch; None follows ``seed_everything``. Training items are a
+            function of (seed, epoch) only, so a run resumed with ``--ckpt_path`` sees what an uninterrupted one would.
         predict_split: the split ``predict`` iterates.
     """
 
@@ -62,6 +65,7 @@ class EchoNetDataModule(L.LightningDataModule):
         on_bad: OnBad = "error",
         verify: Verify = "open",
         eval_seed: int = 0,
+        seed: int | None = None,
         predict_split: Split = "test",
     ) -> None:
         super().__init__()
@@ -100,7 +104,6 @@ class EchoNetDataModule(L.LightningDataModule):
             pad=hp.pad,
             channels=hp.channels,
             size=hp.size,
-            random=split == "train",
             eval_seed=hp.eval_seed,
         )
 
@@ -120,27 +123,29 @@ class EchoNetDataModule(L.LightningDataModule):
                 raise DataValidationError(f"{self.root_for(split) / 'FileList.csv'}: every {split} row was skipped")
         self.datasets.update(built)
 
-    def _loader(self, split: Split, shuffle: bool) -> DataLoader:
+    def _loader(self, split: Split, train: bool = False) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        dataset = self.datasets[split]
         workers = self.hparams.num_workers
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            # Training keys carry (seed, epoch): order and clips survive resumes; evaluation is plain in-order.
+            sampler=EpochSampler(len(dataset), seed=self.hparams.seed) if train else None,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.predict_split, shuffle=False)
+        return self._loader(self.hparams.predict_split)

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from datamodules.clips import PadMode, clip_indices, frame_sample_indices, max_clip_start
 from datamodules.filelist import VideoRecord
+from datamodules.sampler import SampleKey
 from datamodules.video_io import ShortVideoError, read_video
 
 Sampling = Literal["clip", "frames"]
@@ -50,9 +51,11 @@ class EchoNetVideoDataset(Dataset):
 
     ``sampling="clip"``: ``clip_length`` contiguous frames every ``period`` source frames, or resampled to
     ``target_fps``; short videos padded by ``pad`` (see :mod:`datamodules.clips`). ``sampling="frames"``:
-    ``num_frames`` distinct random frames of the video, in time order. With ``random=True`` (training) the clip start /
-    frame choice comes from torch's RNG, which Lightning seeds per worker under ``seed_everything``; otherwise it is a
-    fixed function of ``(eval_seed, index)``, identical in every epoch and process.
+    ``num_frames`` distinct random frames of the video, in time order.
+
+    Items are fetched by key: an int ``index`` gives the evaluation plan, a fixed function of ``(eval_seed, index)``;
+    a key ``(index, seed, epoch)`` from :class:`~datamodules.sampler.EpochSampler` (training) gives a random plan drawn
+    from that key alone, so runs are reproducible across resumes, worker counts and processes.
     """
 
     def __init__(
@@ -67,7 +70,6 @@ class EchoNetVideoDataset(Dataset):
         pad: PadMode = "reflect",
         channels: int = 1,
         size: int | tuple[int, int] | None = None,
-        random: bool = False,
         eval_seed: int = 0,
     ) -> None:
         if sampling not in ("clip", "frames"):
@@ -85,7 +87,6 @@ class EchoNetVideoDataset(Dataset):
         self.pad: PadMode = pad
         self.channels = channels
         self.size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
-        self.random = random
         self.eval_seed = eval_seed
         self.patient_ids = [patient_id(record.patient) for record in self.records]
         self.patient_names = {pid: record.patient for pid, record in zip(self.patient_ids, self.records, strict=True)}
@@ -93,37 +94,38 @@ class EchoNetVideoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _rng(self, index: int) -> np.random.Generator:
-        if self.random:
-            return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
-        return np.random.default_rng((self.eval_seed, index))
-
-    def frame_plan(self, index: int) -> tuple[np.ndarray, float]:
-        """Source frame indices of item ``index`` (-1 = black pad frame) and the fps of the returned frames."""
+    def frame_plan(self, key: int | SampleKey) -> tuple[np.ndarray, float]:
+        """Source frame indices of item ``key`` (-1 = black pad frame) and the fps of the returned frames."""
+        if isinstance(key, tuple | list):
+            index, seed, epoch = (int(k) for k in key)
+            rng = np.random.default_rng((seed, epoch, index))
+        else:
+            index = int(key)
+            rng = np.random.default_rng((self.eval_seed, index))
         record = self.records[index]
-        rng = self._rng(index)
         if self.sampling == "frames":
             return frame_sample_indices(record.num_frames, self.num_frames, rng), record.fps
         step = resolve_step(record.fps, self.period, self.target_fps)
         start = int(rng.integers(0, max_clip_start(record.num_frames, self.clip_length, step) + 1))
         return clip_indices(record.num_frames, self.clip_length, step, start, self.pad), record.fps / step
 
-    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, float]:
-        record = self.records[index]
-        indices, fps = self.frame_plan(index)
+    def _read(self, key: int | SampleKey) -> tuple[np.ndarray, np.ndarray, float]:
+        indices, fps = self.frame_plan(key)
         present = indices >= 0
-        return read_video(record.path, gray=self.channels == 1, indices=indices[present]), indices, fps
+        path = self.records[key[0] if isinstance(key, tuple | list) else key].path
+        return read_video(path, gray=self.channels == 1, indices=indices[present]), indices, fps
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | SampleKey) -> dict[str, torch.Tensor]:
+        index = int(key[0]) if isinstance(key, tuple | list) else int(key)
         record = self.records[index]
         try:
-            frames, indices, fps = self._read(index)
+            frames, indices, fps = self._read(key)
         except ShortVideoError as err:
             # The FileList overstated the length (verify="decode" would have caught it at setup): plan again on the
             # decoded length rather than stop a long run inside a worker.
             warnings.warn(f"{err}; using {err.decoded} frames (FileList line {record.line})", stacklevel=2)
             self.records[index] = dataclasses.replace(record, num_frames=err.decoded)
-            frames, indices, fps = self._read(index)
+            frames, indices, fps = self._read(key)
         present = indices >= 0
         if not present.all():
             padded = np.zeros((len(indices), *frames.shape[1:]), dtype=np.uint8)

@@ -83,6 +83,7 @@ def _usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -94,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in LIGHTNING_COMMANDS:
         print(f"echo-lvdm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    EchoLVDMCLI(args=argv)
+    # LightningCLI reads sys.argv itself, and warns when also handed args, so pass them only from Python.
+    EchoLVDMCLI(args=None if from_command_line else argv)
     return 0
 
 
