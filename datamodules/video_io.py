@@ -66,17 +66,13 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def _frame_to_array(frame: av.VideoFrame, gray: bool) -> np.ndarray:
-    return frame.to_ndarray(format="gray" if gray else "rgb24")
-
-
-def iter_frames(path: str | os.PathLike, *, gray: bool = True, stop: int | None = None) -> Iterator[np.ndarray]:
-    """Decode frames ``0 .. stop-1`` (all when ``stop`` is None) one at a time, single-threaded.
+@contextlib.contextmanager
+def _open_video_stream(path: Path) -> Iterator[tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
+    """Open ``path``'s first video stream for single-threaded decoding; FFmpeg errors become VideoReadError.
 
     Single-threaded decoding is deliberate: FFmpeg's frame threads oversubscribe small machines; parallelism comes from
     DataLoader workers instead.
     """
-    path = Path(path)
     if not path.is_file():
         raise VideoReadError(f"{path}: video file not found")
     try:
@@ -85,12 +81,18 @@ def iter_frames(path: str | os.PathLike, *, gray: bool = True, stop: int | None 
                 raise VideoReadError(f"{path}: no video stream in file")
             stream = container.streams.video[0]
             stream.thread_type = "NONE"
-            for i, frame in enumerate(container.decode(stream)):
-                if stop is not None and i >= stop:
-                    break
-                yield _frame_to_array(frame, gray)
+            yield container, stream
     except av.FFmpegError as err:
         raise VideoReadError(f"{path}: cannot decode video ({err})") from err
+
+
+def iter_frames(path: str | os.PathLike, *, gray: bool = True, stop: int | None = None) -> Iterator[np.ndarray]:
+    """Decode frames ``0 .. stop-1`` (all when ``stop`` is None) one at a time."""
+    with _open_video_stream(Path(path)) as (container, stream):
+        for i, frame in enumerate(container.decode(stream)):
+            if stop is not None and i >= stop:
+                break
+            yield frame.to_ndarray(format="gray" if gray else "rgb24")
 
 
 def read_video(
@@ -123,29 +125,19 @@ def probe_video(path: str | os.PathLike, *, decode: bool = True) -> VideoInfo:
     """Size, fps and frame count of a video. With ``decode=False`` only the first frame is decoded and the frame count
     is the header's (possibly 0); with ``decode=True`` every frame is decoded and counted."""
     path = Path(path)
-    if not path.is_file():
-        raise VideoReadError(f"{path}: video file not found")
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoReadError(f"{path}: no video stream in file")
-            stream = container.streams.video[0]
-            stream.thread_type = "NONE"
-            rate = stream.average_rate or stream.base_rate or stream.guessed_rate
-            fps = float(rate) if rate else 0.0
-            count, first = 0, None
-            for frame in container.decode(stream):
-                if first is None:
-                    first = frame
-                    if not decode:
-                        break
-                count += 1
+    with _open_video_stream(path) as (container, stream):
+        rate = stream.average_rate or stream.base_rate or stream.guessed_rate
+        count, first = 0, None
+        for frame in container.decode(stream):
             if first is None:
-                raise VideoReadError(f"{path}: video has no decodable frame")
-            num_frames = count if decode else int(stream.frames)
-            return VideoInfo(path, num_frames, first.height, first.width, fps)
-    except av.FFmpegError as err:
-        raise VideoReadError(f"{path}: cannot decode video ({err})") from err
+                first = frame
+                if not decode:
+                    break
+            count += 1
+        if first is None:
+            raise VideoReadError(f"{path}: video has no decodable frame")
+        return VideoInfo(path, count if decode else int(stream.frames), first.height, first.width,
+                         float(rate) if rate else 0.0)
 
 
 def write_video(
