@@ -19,6 +19,8 @@ from datamodules.sampler import SampleKey
 from datamodules.video_io import ShortVideoError, read_video
 
 Sampling = Literal["clip", "frames"]
+# SeedSequence ignores trailing zeros ((s, e, 0) == (s, e)): a nonzero tag per stream keeps the streams apart.
+_TRAIN_STREAM, _EVAL_STREAM = 1, 2
 
 
 def patient_id(name: str) -> int:
@@ -98,10 +100,10 @@ class EchoNetVideoDataset(Dataset):
         """Source frame indices of item ``key`` (-1 = black pad frame) and the fps of the returned frames."""
         if isinstance(key, tuple | list):
             index, seed, epoch = (int(k) for k in key)
-            rng = np.random.default_rng((seed, epoch, index))
+            rng = np.random.default_rng((seed, epoch, index, _TRAIN_STREAM))
         else:
             index = int(key)
-            rng = np.random.default_rng((self.eval_seed, index))
+            rng = np.random.default_rng((self.eval_seed, index, _EVAL_STREAM))
         record = self.records[index]
         if self.sampling == "frames":
             return frame_sample_indices(record.num_frames, self.num_frames, rng), record.fps

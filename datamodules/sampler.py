@@ -16,6 +16,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 SampleKey = tuple[int, int, int]  # (index, seed, epoch)
+_ORDER_STREAM = 3  # nonzero tag: SeedSequence ignores trailing zeros, so (seed, 0) would equal (seed,)
 
 
 def global_seed() -> int:
@@ -45,6 +46,6 @@ class EpochSampler(Sampler[SampleKey]):
         seed = global_seed() if self.seed is None else self.seed
         order = np.arange(self.num_items)
         if self.shuffle:
-            order = np.random.default_rng((seed, self.epoch)).permutation(self.num_items)
+            order = np.random.default_rng((seed, self.epoch, _ORDER_STREAM)).permutation(self.num_items)
         for index in order.tolist():
             yield index, seed, self.epoch
