@@ -33,7 +33,7 @@ def describe_split(datamodule: EchoNetDataModule, split: str) -> list[str]:
     batch = next(iter(loader))
     elapsed = time.perf_counter() - start
     for key, value in batch.items():
-        shown = f"range [{value.min().item():.3g}, {value.max().item():.3g}]" if value.is_floating_point() else ""
+        shown = f"range [{value.min().item():.4g}, {value.max().item():.4g}]"
         lines.append(f"  batch[{key!r}]: {str(value.dtype).removeprefix('torch.')} {tuple(value.shape)} {shown}")
     lines.append(f"  first batch in {elapsed:.2f} s")
     return lines

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 # FFmpeg's FF_QP2LAMBDA: `-q:v q` sets global_quality = q * FF_QP2LAMBDA.
 _QP2LAMBDA = 118
@@ -86,13 +87,44 @@ def _open_video_stream(path: Path) -> Iterator[tuple[av.container.InputContainer
         raise VideoReadError(f"{path}: cannot decode video ({err})") from err
 
 
-def iter_frames(path: str | os.PathLike, *, gray: bool = True, stop: int | None = None) -> Iterator[np.ndarray]:
-    """Decode frames ``0 .. stop-1`` (all when ``stop`` is None) one at a time."""
+# 8-bit formats whose first plane is luma. FFmpeg's gray conversion copies it for full-range (JPEG) streams and
+# stretches 16–235 to 0–255 for limited-range ones; doing the same in numpy gives identical values and skips swscale,
+# which otherwise costs twice the decoding itself.
+_LUMA_FIRST = {"gray", "yuv420p", "yuv422p", "yuv444p", "yuvj420p", "yuvj422p", "yuvj444p", "nv12", "nv21"}
+_LIMITED_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+_JPEG_RANGE = 2  # AVCOL_RANGE_JPEG
+
+
+def frame_to_array(frame: av.VideoFrame, gray: bool, reformatter: VideoReformatter | None = None) -> np.ndarray:
+    """A decoded frame as uint8 ``(H, W)`` (gray: the luma, full range) or ``(H, W, 3)`` RGB.
+
+    Pass one ``reformatter`` for all frames of a video: it keeps FFmpeg's scaler context, which
+    ``frame.to_ndarray(format=...)`` rebuilds for every frame at ~10× the cost.
+    """
+    name = frame.format.name
+    if not gray or name not in _LUMA_FIRST:
+        target = "gray" if gray else "rgb24"
+        return (reformatter or VideoReformatter()).reformat(frame, format=target).to_ndarray()
+    plane = frame.planes[0]
+    luma = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)[:, : frame.width]
+    if name == "gray" or name.startswith("yuvj") or frame.color_range == _JPEG_RANGE:
+        return luma.copy()
+    return _LIMITED_TO_FULL[luma]
+
+
+def _decode(path: str | os.PathLike, stop: int | None) -> Iterator[av.VideoFrame]:
     with _open_video_stream(Path(path)) as (container, stream):
         for i, frame in enumerate(container.decode(stream)):
             if stop is not None and i >= stop:
                 break
-            yield frame.to_ndarray(format="gray" if gray else "rgb24")
+            yield frame
+
+
+def iter_frames(path: str | os.PathLike, *, gray: bool = True, stop: int | None = None) -> Iterator[np.ndarray]:
+    """Decode frames ``0 .. stop-1`` (all when ``stop`` is None) one at a time."""
+    reformatter = VideoReformatter()
+    for frame in _decode(path, stop):
+        yield frame_to_array(frame, gray, reformatter)
 
 
 def read_video(
@@ -100,8 +132,9 @@ def read_video(
 ) -> np.ndarray:
     """Read a video as uint8 ``(T, H, W)`` (gray) or ``(T, H, W, 3)`` (RGB).
 
-    ``indices`` picks frames (any order, repeats allowed); decoding stops after the largest one. An index past the end
-    of the video raises :class:`ShortVideoError` naming the file and the decoded length.
+    ``indices`` picks frames (any order, repeats allowed); decoding stops after the largest one and only the picked
+    frames are converted. An index past the end of the video raises :class:`ShortVideoError` naming the file and the
+    decoded length.
     """
     if indices is None:
         frames = list(iter_frames(path, gray=gray))
@@ -114,11 +147,15 @@ def read_video(
     if indices.min() < 0:
         raise ValueError(f"negative frame index {int(indices.min())}")
     stop = int(indices.max()) + 1
-    frames = list(iter_frames(path, gray=gray, stop=stop))
-    if len(frames) < stop:
-        raise ShortVideoError(f"{path}: frame {stop - 1} requested but the video decodes to {len(frames)} frames",
-                              len(frames))
-    return np.stack([frames[i] for i in indices])
+    wanted = set(indices.tolist())
+    picked, decoded, reformatter = {}, 0, VideoReformatter()
+    for i, frame in enumerate(_decode(path, stop)):
+        decoded = i + 1
+        if i in wanted:
+            picked[i] = frame_to_array(frame, gray, reformatter)
+    if decoded < stop:
+        raise ShortVideoError(f"{path}: frame {stop - 1} requested but the video decodes to {decoded} frames", decoded)
+    return np.stack([picked[i] for i in indices.tolist()])
 
 
 def probe_video(path: str | os.PathLike, *, decode: bool = True) -> VideoInfo:

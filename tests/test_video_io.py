@@ -92,3 +92,19 @@ def test_killed_writer_leaves_no_video_under_the_final_name(tmp_path):
             writer.kill()
     assert not target.exists()
     assert not list(tmp_path.glob("*.mp4")), "a visible partial video was left"
+
+
+@pytest.mark.parametrize("name", ["gray.avi", "gray.mp4", "gray.mkv", "rgb.avi", "rgb.mp4", "rgb.mkv"])
+def test_fast_gray_path_equals_ffmpeg_gray_conversion(tmp_path, name):
+    """Gray frames are read from the luma plane (full or limited range) instead of through swscale: same values."""
+    import av
+
+    from datamodules.video_io import frame_to_array
+
+    frames = smooth_video(num_frames=4)
+    if name.startswith("rgb"):
+        frames = np.stack([frames, np.flip(frames, axis=2), 255 - frames], axis=-1)
+    path = write_video(tmp_path / name, frames, fps=25)
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            np.testing.assert_array_equal(frame_to_array(frame, gray=True), frame.to_ndarray(format="gray"))
