@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -18,9 +19,15 @@ from datamodules.filelist import VideoRecord
 from datamodules.sampler import SampleKey
 from datamodules.video_io import ShortVideoError, read_video
 
-Sampling = Literal["clip", "frames"]
-# SeedSequence ignores trailing zeros ((s, e, 0) == (s, e)): a nonzero tag per stream keeps the streams apart.
+Sampling = Literal["clip", "frames", "video"]
+# SeedSequence ignores trailing zeros ((s, e, 0) == (s, e)): nonzero tags keep the streams apart.
 _TRAIN_STREAM, _EVAL_STREAM = 1, 2
+_PLAN_STREAM, NOISE_STREAM = 1, 2
+
+
+def key_index(key: int | SampleKey) -> int:
+    """The row index of a dataset key (an int, or ``(index, seed, epoch)`` from the training sampler)."""
+    return int(key[0]) if isinstance(key, tuple | list) else int(key)
 
 
 def patient_id(name: str) -> int:
@@ -58,12 +65,15 @@ class EchoNetVideoDataset(Dataset):
 
     ``sampling="clip"``: ``clip_length`` contiguous frames every ``period`` source frames, or resampled to
     ``target_fps``; short videos padded by ``pad`` (see :mod:`datamodules.clips`). ``sampling="frames"``:
-    ``num_frames`` distinct random frames of the video, in time order.
+    ``num_frames`` distinct random frames of the video, in time order. ``sampling="video"``: the whole video at the
+    period / target fps (variable length: batch size 1), as encoding for the latent cache needs.
 
     Items are fetched by key: an int ``index`` gives the evaluation plan, a fixed function of ``(eval_seed, index)``;
     a key ``(index, seed, epoch)`` from :class:`~datamodules.sampler.EpochSampler` (training) gives a random plan drawn
     from that key alone, so runs are reproducible across resumes, worker counts and processes.
     """
+
+    pad_value = -1.0  # black, in the [-1, 1] pixel range
 
     def __init__(
         self,
@@ -79,8 +89,8 @@ class EchoNetVideoDataset(Dataset):
         size: int | tuple[int, int] | None = None,
         eval_seed: int = 0,
     ) -> None:
-        if sampling not in ("clip", "frames"):
-            raise ValueError(f"sampling must be 'clip' or 'frames', got {sampling!r}")
+        if sampling not in ("clip", "frames", "video"):
+            raise ValueError(f"sampling must be 'clip', 'frames' or 'video', got {sampling!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if period is not None and target_fps is not None and period != 1:
@@ -101,47 +111,57 @@ class EchoNetVideoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def frame_plan(self, key: int | SampleKey) -> tuple[np.ndarray, float]:
-        """Source frame indices of item ``key`` (-1 = black pad frame) and the fps of the returned frames."""
+    def generator(self, key: int | SampleKey, stream: int) -> np.random.Generator:
+        """The random stream ``stream`` of item ``key``: from (seed, epoch, index) in training, (eval_seed, index)
+        otherwise."""
         if isinstance(key, tuple | list):
             index, seed, epoch = (int(k) for k in key)
-            rng = np.random.default_rng((seed, epoch, index, _TRAIN_STREAM))
-        else:
-            index = int(key)
-            rng = np.random.default_rng((self.eval_seed, index, _EVAL_STREAM))
-        record = self.records[index]
+            return np.random.default_rng((seed, epoch, index, _TRAIN_STREAM, stream))
+        return np.random.default_rng((self.eval_seed, int(key), _EVAL_STREAM, stream))
+
+    def frame_plan(self, key: int | SampleKey) -> tuple[np.ndarray, float]:
+        """Source frame indices of item ``key`` (-1 = pad frame) and the fps of the returned frames."""
+        record = self.records[key_index(key)]
+        rng = self.generator(key, _PLAN_STREAM)
         if self.sampling == "frames":
             return frame_sample_indices(record.num_frames, self.num_frames, rng), record.fps
         step = resolve_step(record.fps, self.period, self.target_fps)
+        if self.sampling == "video":  # every position round(i * step) inside the video
+            length = math.ceil((record.num_frames - 0.5) / step)
+            return clip_indices(record.num_frames, length, step, 0, self.pad), record.fps / step
         start = int(rng.integers(0, max_clip_start(record.num_frames, self.clip_length, step) + 1))
         return clip_indices(record.num_frames, self.clip_length, step, start, self.pad), record.fps / step
 
-    def _read(self, key: int | SampleKey) -> tuple[np.ndarray, np.ndarray, float]:
-        indices, fps = self.frame_plan(key)
-        present = indices >= 0
-        path = self.records[key[0] if isinstance(key, tuple | list) else key].path
-        return read_video(path, gray=self.channels == 1, indices=indices[present]), indices, fps
+    def load_frames(self, key: int | SampleKey, frame_indices: np.ndarray) -> torch.Tensor:
+        """The frames ``frame_indices`` of item ``key`` as float32 ``(n, C, H, W)`` in [-1, 1]."""
+        record = self.records[key_index(key)]
+        video = to_model_range(read_video(record.path, gray=self.channels == 1, indices=frame_indices))
+        if self.size is not None and tuple(video.shape[-2:]) != self.size:
+            video = F.interpolate(video, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+            video = video.clamp_(-1.0, 1.0)
+        return video
+
+    def _planned_frames(self, key: int | SampleKey) -> tuple[torch.Tensor, float]:
+        plan, fps = self.frame_plan(key)
+        present = plan >= 0
+        frames = self.load_frames(key, plan[present])
+        if present.all():
+            return frames, fps
+        video = torch.full((len(plan), *frames.shape[1:]), self.pad_value, dtype=frames.dtype)
+        video[torch.from_numpy(present)] = frames
+        return video, fps
 
     def __getitem__(self, key: int | SampleKey) -> dict[str, torch.Tensor]:
-        index = int(key[0]) if isinstance(key, tuple | list) else int(key)
+        index = key_index(key)
         record = self.records[index]
         try:
-            frames, indices, fps = self._read(key)
+            video, fps = self._planned_frames(key)
         except ShortVideoError as err:
             # The FileList overstated the length (verify="decode" would have caught it at setup): plan again on the
             # decoded length rather than stop a long run inside a worker.
             warnings.warn(f"{err}; using {err.decoded} frames (FileList line {record.line})", stacklevel=2)
             self.records[index] = dataclasses.replace(record, num_frames=err.decoded)
-            frames, indices, fps = self._read(key)
-        present = indices >= 0
-        if not present.all():
-            padded = np.zeros((len(indices), *frames.shape[1:]), dtype=np.uint8)
-            padded[present] = frames
-            frames = padded
-        video = to_model_range(frames)
-        if self.size is not None and tuple(video.shape[-2:]) != self.size:
-            video = F.interpolate(video, size=self.size, mode="bilinear", antialias=True, align_corners=False)
-            video = video.clamp_(-1.0, 1.0)
+            video, fps = self._planned_frames(key)
         return {
             "video": video,
             "ef": torch.tensor(record.ef, dtype=torch.float32),

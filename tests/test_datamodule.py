@@ -66,6 +66,17 @@ def test_eval_clips_hold_the_planned_source_frames(counter_folder, period, fps):
         assert batch["fps"].item() == pytest.approx(plan_fps) == pytest.approx(record.fps / step)
 
 
+@pytest.mark.parametrize(("period", "fps"), [(1, None), (3, None), (1, 32.0)])
+def test_video_sampling_returns_every_frame_at_the_step(counter_folder, period, fps):
+    dm = EchoNetDataModule(counter_folder, sampling="video", period=period, fps=fps, batch_size=1)
+    dm.setup("test")
+    for batch in dm.test_dataloader():
+        record = dm.datasets["test"].records[batch["index"].item()]
+        step = record.fps / fps if fps else period
+        expected = [t for t in (int(np.floor(i * step + 0.5)) for i in range(200)) if t < record.num_frames]
+        assert source_frames(batch["video"][0], int(record.file_name[1:4])) == expected
+
+
 def test_short_video_is_padded_by_reflection(counter_folder):
     dm = EchoNetDataModule(counter_folder, clip_length=12, batch_size=8)
     dm.setup("fit")
