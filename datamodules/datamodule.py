@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.clips import PAD_MODES, PadMode
 from datamodules.dataset import EchoNetVideoDataset, Sampling
+from datamodules.latents import ENCODE_COMMAND, EchoNetLatentDataset, cached_records
 from datamodules.filelist import SPLITS, BadEntry, DataValidationError, OnBad, Verify, read_split, report_bad
 from datamodules.sampler import EpochSampler
 
@@ -66,7 +67,12 @@ class EchoNetDataModule(L.LightningDataModule):
         verify: Verify = "open",
         eval_seed: int = 0,
         seed: int | None = None,
-        predict_split: Split = "test",
+        predict_split: Split | Literal["all"] = "test",
+        space: Literal["pixel", "latent"] = "pixel",
+        latent_dir: str | Path | None = None,
+        latent_posterior: Literal["sample", "mean"] = "sample",
+        latent_scaled: bool = True,
+        vae_checksum: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -76,6 +82,10 @@ class EchoNetDataModule(L.LightningDataModule):
             raise ValueError(f"give either period ({period}) or fps ({fps}), not both")
         if clip_length < 1 or num_frames < 1 or period < 1 or batch_size < 1:
             raise ValueError("clip_length, num_frames, period and batch_size must be ≥ 1")
+        if space not in ("pixel", "latent"):
+            raise ValueError(f"space must be 'pixel' or 'latent', got {space!r}")
+        if space == "latent" and latent_dir is None:
+            raise ValueError(f"space='latent' needs data.latent_dir (the cache written by: {ENCODE_COMMAND})")
         roots = {"train": train_root or root, "val": val_root or root, "test": test_root or root}
         self.roots = {split: Path(path) if path is not None else None for split, path in roots.items()}
         self.datasets: dict[str, EchoNetVideoDataset] = {}
@@ -89,28 +99,36 @@ class EchoNetDataModule(L.LightningDataModule):
 
     def _build(self, split: Split) -> EchoNetVideoDataset:
         hp = self.hparams
-        table = read_split(self.root_for(split), split, verify=hp.verify)
+        # In latent space the videos are not decoded: lengths and frame rates come from the cache.
+        table = read_split(self.root_for(split), split, verify=hp.verify if hp.space == "pixel" else "none")
         self.skipped[split] = table.skipped
         if not table.records and not table.skipped:
             labels = "/".join(SPLITS)
             raise DataValidationError(f"{table.root / 'FileList.csv'}: no row has Split={split.upper()} (expected {labels})")
-        return EchoNetVideoDataset(
-            table.records,
-            sampling=hp.sampling,
-            clip_length=hp.clip_length,
-            period=hp.period if hp.fps is None else None,
-            target_fps=hp.fps,
-            num_frames=hp.num_frames,
-            pad=hp.pad,
-            channels=hp.channels,
-            size=hp.size,
-            eval_seed=hp.eval_seed,
-        )
+        options = dict(sampling=hp.sampling, clip_length=hp.clip_length, period=hp.period if hp.fps is None else None,
+                       target_fps=hp.fps, num_frames=hp.num_frames, pad=hp.pad, channels=hp.channels, size=hp.size,
+                       eval_seed=hp.eval_seed)
+        if hp.space == "pixel":
+            return EchoNetVideoDataset(table.records, **options)
+        records, scaling_factor, problems = cached_records(table.records, hp.latent_dir, hp.vae_checksum)
+        if problems:
+            listed = "\n".join(f"  {record.path.parent.parent / 'FileList.csv'}, line {record.line} "
+                               f"(FileName={record.file_name}): {problem}" for record, problem in problems[:25])
+            more = f"\n  … and {len(problems) - 25} more" if len(problems) > 25 else ""
+            raise DataValidationError(
+                f"latent cache {hp.latent_dir} is missing or stale for {len(problems)} {split} video(s):\n{listed}{more}\n"
+                f"Build or refresh it with: {ENCODE_COMMAND} (with the same data.root and the cache writer's "
+                f"cache_dir={hp.latent_dir}); up-to-date entries are skipped."
+            )
+        options.pop("size")
+        return EchoNetLatentDataset(records, hp.latent_dir, scaling_factor=scaling_factor,
+                                    posterior=hp.latent_posterior, scaled=hp.latent_scaled, **options)
 
     def setup(self, stage: str | None = None) -> None:
         """Read and check every split the stage needs; all broken entries of all of them are reported together."""
         if stage == "predict":
-            splits = (self.hparams.predict_split,)
+            split = self.hparams.predict_split
+            splits = ("train", "val", "test") if split == "all" else (split,)
         else:
             splits = _STAGE_SPLITS.get(stage, ("train", "val", "test"))
         wanted = [split for split in splits if split not in self.datasets]
@@ -122,10 +140,13 @@ class EchoNetDataModule(L.LightningDataModule):
             if len(dataset) == 0:
                 raise DataValidationError(f"{self.root_for(split) / 'FileList.csv'}: every {split} row was skipped")
         self.datasets.update(built)
+        if stage == "predict" and self.hparams.predict_split == "all":
+            parts = [self.datasets[split] for split in ("train", "val", "test")]
+            self.datasets["all"] = parts[0].with_records([record for part in parts for record in part.records])
 
     def _loader(self, split: Split, train: bool = False) -> DataLoader:
         if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+            self.setup({"train": "fit", "val": "validate", "test": "test"}.get(split, "predict"))
         dataset = self.datasets[split]
         workers = self.hparams.num_workers
         return DataLoader(

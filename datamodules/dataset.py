@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
@@ -105,8 +106,18 @@ class EchoNetVideoDataset(Dataset):
         self.channels = channels
         self.size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
         self.eval_seed = eval_seed
+        self._index_patients()
+
+    def _index_patients(self) -> None:
         self.patient_ids = [patient_id(record.patient) for record in self.records]
         self.patient_names = {pid: record.patient for pid, record in zip(self.patient_ids, self.records, strict=True)}
+
+    def with_records(self, records: Sequence[VideoRecord]) -> EchoNetVideoDataset:
+        """The same dataset (settings, class) over other records; ``index`` then refers to the new list."""
+        clone = copy.copy(self)
+        clone.records = list(records)
+        clone._index_patients()
+        return clone
 
     def __len__(self) -> int:
         return len(self.records)
