@@ -10,8 +10,17 @@ from torch.utils.data import DataLoader
 
 from datamodules.clips import PAD_MODES, PadMode
 from datamodules.dataset import EchoNetVideoDataset, Sampling
+from datamodules.filelist import (
+    SPLITS,
+    BadEntry,
+    DataValidationError,
+    OnBad,
+    Verify,
+    list_bad,
+    read_split,
+    report_bad,
+)
 from datamodules.latents import ENCODE_COMMAND, EchoNetLatentDataset, cached_records
-from datamodules.filelist import SPLITS, BadEntry, DataValidationError, OnBad, Verify, read_split, report_bad
 from datamodules.sampler import EpochSampler
 
 Split = Literal["train", "val", "test"]
@@ -112,11 +121,10 @@ class EchoNetDataModule(L.LightningDataModule):
             return EchoNetVideoDataset(table.records, **options)
         records, scaling_factor, problems = cached_records(table.records, hp.latent_dir, hp.vae_checksum)
         if problems:
-            listed = "\n".join(f"  {record.path.parent.parent / 'FileList.csv'}, line {record.line} "
-                               f"(FileName={record.file_name}): {problem}" for record, problem in problems[:25])
-            more = f"\n  … and {len(problems) - 25} more" if len(problems) > 25 else ""
+            filelist = table.root / "FileList.csv"
+            bad = [BadEntry(filelist, r.line, r.file_name, "latent cache", problem) for r, problem in problems]
             raise DataValidationError(
-                f"latent cache {hp.latent_dir} is missing or stale for {len(problems)} {split} video(s):\n{listed}{more}\n"
+                f"latent cache {hp.latent_dir} is missing or stale for {len(bad)} {split} video(s):\n{list_bad(bad)}\n"
                 f"Build or refresh it with: {ENCODE_COMMAND} (with the same data.root and the cache writer's "
                 f"cache_dir={hp.latent_dir}); up-to-date entries are skipped."
             )

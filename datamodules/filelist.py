@@ -188,19 +188,23 @@ def read_split(
     return SplitTable(root, split, records, bad)
 
 
+def list_bad(bad: list[BadEntry]) -> str:
+    """One indented line per entry (the first 25, then a count)."""
+    listed = "\n".join(f"  {entry}" for entry in bad[:_MAX_LISTED])
+    return listed + (f"\n  … and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else "")
+
+
 def report_bad(bad: list[BadEntry], on_bad: OnBad, *, total: int) -> None:
     """Raise one error listing ``bad`` (``on_bad="error"``) or warn once with their count (``"skip"``)."""
     if not bad:
         return
-    listed = "\n".join(f"  {entry}" for entry in bad[:_MAX_LISTED])
-    more = f"\n  … and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
     if on_bad == "error":
         raise DataValidationError(
-            f"{len(bad)} bad entr{'y' if len(bad) == 1 else 'ies'} in the dataset:\n{listed}{more}\n"
+            f"{len(bad)} bad entr{'y' if len(bad) == 1 else 'ies'} in the dataset:\n{list_bad(bad)}\n"
             "Fix them, or skip them with on_bad='skip' (CLI: --data.on_bad=skip)."
         )
     if on_bad != "skip":
         raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
     kinds = Counter(entry.kind for entry in bad)
     summary = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
-    rank_zero_warn(f"skipped {len(bad)} of {total} FileList rows ({summary}):\n{listed}{more}")
+    rank_zero_warn(f"skipped {len(bad)} of {total} FileList rows ({summary}):\n{list_bad(bad)}")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import csv
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +61,18 @@ def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return generate_phantom(tmp_path_factory.mktemp("phantom") / "data", patients=12, videos_per_patient=2, seed=3,
                             size=64, frames=(24, 40))
+
+
+def kill_when(process: subprocess.Popen, ready: Callable[[], bool], timeout: float = 120) -> None:
+    """SIGKILL ``process`` as soon as ``ready()`` holds (fails if it exits first or ``timeout`` passes)."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert process.poll() is None, "the process finished before it could be killed"
+            assert time.monotonic() < deadline, "timed out waiting to kill the process"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -43,20 +43,23 @@ def plain_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["echo-lvdm"])
 
 
-def print_config(capsys, *args: str) -> dict:
+def print_config(capsys, *args: str, subcommand: str = "fit") -> dict:
     with pytest.raises(SystemExit) as exited:
-        main(["fit", *args, "--print_config"])
+        main([subcommand, *args, "--print_config"])
     assert exited.value.code == 0
     return yaml.safe_load(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_config_resolves(capsys, config):
+    content = yaml.safe_load(config.read_text())
     args = ["--config", str(config)]
-    if "model" not in yaml.safe_load(config.read_text()):
+    if "model" not in content:  # data-only configs are stacked under a model config
         args += ["--model", "tests.toy_models.MeanBrightnessEF"]
-    resolved = print_config(capsys, *args)
+    subcommand = "predict" if "return_predictions" in content else "fit"
+    resolved = print_config(capsys, *args, subcommand=subcommand)
     assert resolved["data"]["root"]
+    assert resolved["model"]["class_path"]
 
 
 def test_configs_stack_left_to_right(capsys, tmp_path):

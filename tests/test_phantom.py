@@ -72,7 +72,7 @@ def test_filelist_labels_equal_method_of_disks_on_the_written_tracings(phantom: 
         assert abs(ef - float(row["EF"])) < 0.05 and abs(esv - float(row["ESV"])) < 0.05
         assert abs(edv - float(row["EDV"])) < 0.05
     traced = _traced_frames(phantom)
-    for name, frames in traced.items():
+    for frames in traced.values():
         assert len(frames) == 2 and all(lines.shape == (21, 4) for lines in frames.values())
 
 

@@ -1,15 +1,14 @@
 """Video files: round trips through the codecs we write, decoded frame counts, and atomic writes."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from datamodules.video_io import VideoReadError, probe_video, read_video, write_video
+from tests.conftest import kill_when
 
 
 def smooth_video(num_frames=24, height=48, width=64, seed=0):
@@ -79,17 +78,7 @@ def test_killed_writer_leaves_no_video_under_the_final_name(tmp_path):
         f"write_video({str(target)!r}, frames, fps=50)\n"
     )
     writer = subprocess.Popen([sys.executable, "-c", script])
-    try:
-        deadline = time.monotonic() + 60
-        while not any(p.name.endswith(".tmp") and p.stat().st_size > 0 for p in tmp_path.iterdir()):
-            assert writer.poll() is None, "writer finished before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        writer.send_signal(signal.SIGKILL)
-        writer.wait()
-    finally:
-        if writer.poll() is None:
-            writer.kill()
+    kill_when(writer, lambda: any(p.name.endswith(".tmp") and p.stat().st_size > 0 for p in tmp_path.iterdir()))
     assert not target.exists()
     assert not list(tmp_path.glob("*.mp4")), "a visible partial video was left"
 

@@ -262,7 +262,7 @@ def sample_video(
 
 def heart_geometry(anatomy: PatientAnatomy, motion: VideoMotion) -> HeartGeometry:
     """Per-frame geometry of ``motion`` applied to ``anatomy``, the jitter turning the heart about the LV's middle."""
-    size, t = anatomy.size, np.arange(motion.num_frames) / motion.fps
+    t = np.arange(motion.num_frames) / motion.fps
     phase = motion.phase0 + t * motion.heart_rate_bpm / 60.0
     c = contraction_curve(phase, motion.systole_fraction)
     x = (np.mod(phase, 1.0) - motion.systole_fraction) / (1.0 - motion.systole_fraction)

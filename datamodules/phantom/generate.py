@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.filelist import SPLITS
 from datamodules.phantom.anatomy import (
     HeartGeometry,
     PatientAnatomy,
@@ -32,7 +33,6 @@ from datamodules.phantom.anatomy import (
 )
 from datamodules.phantom.render import render_video
 from datamodules.phantom.tracings import TRACING_COLUMNS, ef_from_tracings, format_rows, geometry_volumes, lv_tracing
-from datamodules.filelist import SPLITS
 from datamodules.video_io import atomic_output, write_video
 
 log = logging.getLogger(__name__)
