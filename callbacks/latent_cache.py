@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -76,3 +77,10 @@ class LatentCacheWriter(BasePredictionWriter):
                                    size, mtime_ns)
             write_entry(entry_path(self.cache_dir, record), mean, logvar, meta)
             self.encoded.append(record.file_name)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A collective: every rank reports how many it wrote, so the summary shows the shards add up.
+        counts = trainer.strategy.all_gather(torch.tensor(len(self.encoded), device=pl_module.device))
+        per_rank = ", ".join(str(int(c)) for c in counts.reshape(-1))
+        rank_zero_info(f"latent cache {self.cache_dir}: encoded {int(counts.sum())} video(s) (per rank: {per_rank}), "
+                       f"{len(self.up_to_date)} already up to date")
