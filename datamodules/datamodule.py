@@ -85,6 +85,10 @@ class EchoNetDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        for key in ("root", "train_root", "val_root", "test_root", "latent_dir"):
+            # Paths as strings: checkpoints must load with torch.load(weights_only=True), which refuses PosixPath.
+            if self.hparams[key] is not None:
+                self.hparams[key] = str(self.hparams[key])
         if pad not in PAD_MODES:
             raise ValueError(f"pad must be one of {PAD_MODES}, got {pad!r}")
         if fps is not None and period != 1:

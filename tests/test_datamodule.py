@@ -196,3 +196,10 @@ def test_without_patient_column_identity_is_the_file(tmp_path):
     dm = EchoNetDataModule(root, clip_length=4)
     dm.setup("validate")
     assert dm.datasets["val"].patient_ids == [patient_id("V000.mkv"), patient_id("V001.mkv")]
+
+
+def test_checkpointed_hyperparameters_load_with_weights_only(counter_folder, tmp_path):
+    dm = EchoNetDataModule(counter_folder, latent_dir=tmp_path / "latents")
+    torch.save({"datamodule_hyper_parameters": dict(dm.hparams)}, tmp_path / "state.ckpt")
+    loaded = torch.load(tmp_path / "state.ckpt", weights_only=True)
+    assert loaded["datamodule_hyper_parameters"]["root"] == str(counter_folder)
