@@ -40,8 +40,8 @@ def main() -> None:
         root = generate_phantom(Path(tmp) / "phantom", patients=6, videos_per_patient=2, seed=0, frames=(48, 64))
         cache = Path(tmp) / "latents"
         start = time.perf_counter()
-        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                            callbacks=[LatentCacheWriter(cache)])
+        writer = LatentCacheWriter(cache)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer])
         trainer.predict(vae, datamodule=EchoNetDataModule(root, sampling="video", batch_size=1, predict_split="all"),
                         return_predictions=False)
         build = time.perf_counter() - start
@@ -69,7 +69,7 @@ def main() -> None:
         assert worst < 5e-2, f"cached latents differ from on-the-fly encoding by {worst}"
         name = "quickstart" if args.quickstart_vae else "EchoNet-Synthetic-sized"
         print(f"{name} VAE; clips of {args.clip_length} frames (period 2) from 112² phantom videos")
-        print(f"cache build: {build:.1f} s for {len(pixel_set) + len(latent.datasets['val'])}+ videos (once per VAE)")
+        print(f"cache build: {build:.1f} s for {len(writer.encoded)} videos (once per VAE)")
         print(f"decode AVI + encode with the VAE: {1 / slow:10.2f} clips/s")
         print(f"read from the latent cache:       {1 / fast:10.2f} clips/s")
         print(f"ratio: {slow / fast:.0f}x")

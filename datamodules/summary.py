@@ -51,6 +51,9 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--on-bad", choices=("error", "skip"), default="error")
     parser.add_argument("--verify", choices=("none", "open", "decode"), default="open")
+    parser.add_argument("--space", choices=("pixel", "latent"), default="pixel",
+                        help="latent: serve clips from the latent cache in --latent-dir (checks it is complete)")
+    parser.add_argument("--latent-dir", default=None)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -67,6 +70,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         on_bad=args.on_bad,
         verify=args.verify,
+        space=args.space,
+        latent_dir=args.latent_dir,
     )
     start = time.perf_counter()
     datamodule.setup()

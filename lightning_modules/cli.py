@@ -3,7 +3,7 @@
 ``fit | validate | test | predict`` are LightningCLI subcommands: the model is whatever LightningModule the config's
 ``model.class_path`` names, the data is always :class:`~datamodules.EchoNetDataModule`, configs stack left to right
 (``--config a.yaml --config b.yaml``), ``--print_config`` prints the resolved config and ``--ckpt_path`` resumes.
-Plain commands (``phantom``, ``inspect``) are argparse programs beside them.
+Plain commands (``phantom``, ``inspect``, ``export-vae``) are argparse programs beside them.
 """
 
 from __future__ import annotations
@@ -51,8 +51,12 @@ PLAIN_COMMANDS = {
         "datamodules.phantom.generate", "add_phantom_arguments", "run_phantom",
     ),
     "inspect": PlainCommand(
-        "check an EchoNet-layout folder through the DataModule and print a summary",
+        "check an EchoNet-layout folder (or its latent cache) through the DataModule and print a summary",
         "datamodules.summary", "add_inspect_arguments", "run_inspect",
+    ),
+    "export-vae": PlainCommand(
+        "export a trained VAE checkpoint as a diffusers AutoencoderKL folder",
+        "lightning_modules.export", "add_export_arguments", "run_export",
     ),
 }
 

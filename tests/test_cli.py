@@ -24,7 +24,7 @@ def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 def test_console_script_help_lists_every_command():
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("fit", "validate", "test", "predict", "phantom", "inspect"):
+    for command in ("fit", "validate", "test", "predict", "phantom", "inspect", "export-vae"):
         assert f"\n  {command} " in result.stdout
 
 

@@ -189,3 +189,34 @@ def test_ddp_encode_shards_without_duplicates_or_losses(small_phantom, tmp_path)
     names = all_names(small_phantom)
     assert f"encoded {len(names)} video(s) (per rank: {len(names) // 2}, {len(names) // 2})" in result.stderr
     assert sorted(p.stem for p in cache.glob("*.safetensors")) == sorted(Path(n).stem for n in names)
+
+
+def test_inspect_latent_space_and_export_vae_commands(small_phantom, vae, tmp_path, caplog, monkeypatch):
+    import logging
+
+    from diffusers import AutoencoderKL
+
+    from lightning_modules.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["echo-lvdm"])
+    cache = tmp_path / "latents"
+    with pytest.raises(DataValidationError, match="no latent cache entry"):
+        main(["inspect", "--root", str(small_phantom), "--space", "latent", "--latent-dir", str(cache)])
+    encode(small_phantom, cache, vae)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["inspect", "--root", str(small_phantom), "--space", "latent", "--latent-dir", str(cache),
+                     "--clip-length", "4"]) == 0
+    assert "batch['video']: float32 (4, 4, 4, 16, 16)" in caplog.text
+
+    checkpoint = tmp_path / "vae.ckpt"
+    torch.save({"state_dict": vae.state_dict(), "pytorch-lightning_version": L.__version__,
+                "hyper_parameters": dict(vae.hparams)}, checkpoint)
+    assert main(["export-vae", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
+    exported = AutoencoderKL.from_pretrained(tmp_path / "exported")
+    assert exported.config.scaling_factor == pytest.approx(0.8)
+    frames = torch.rand(3, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(exported.encode(frames).latent_dist.mean, vae.encode_frames(frames)[0], atol=1e-5,
+                                   rtol=1e-5)
+    assert main(["export-vae", "--checkpoint", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x")]) == 1
