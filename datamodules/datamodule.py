@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from datamodules.clips import PAD_MODES, PadMode
 from datamodules.dataset import EchoNetVideoDataset, Sampling
@@ -51,6 +51,8 @@ class EchoNetDataModule(L.LightningDataModule):
         eval_seed: fixes val/test/predict clip positions.
         seed: seeds the training order and clips per epoch; None follows ``seed_everything``. Training items are a
             function of (seed, epoch) only, so a run resumed with ``--ckpt_path`` sees what an uninterrupted one would.
+        group_by_patient: training batches hold a patient's videos together (shuffled patients, then their videos),
+            so a frame model finds positive pairs across videos of one patient inside a batch (re-identification).
         predict_split: the split ``predict`` iterates.
     """
 
@@ -76,6 +78,7 @@ class EchoNetDataModule(L.LightningDataModule):
         verify: Verify = "open",
         eval_seed: int = 0,
         seed: int | None = None,
+        group_by_patient: bool = False,
         predict_split: Split | Literal["all"] = "test",
         space: Literal["pixel", "latent"] = "pixel",
         latent_dir: str | Path | None = None,
@@ -156,16 +159,18 @@ class EchoNetDataModule(L.LightningDataModule):
             parts = [self.datasets[split] for split in ("train", "val", "test")]
             self.datasets["all"] = parts[0].with_records([record for part in parts for record in part.records])
 
-    def _loader(self, split: Split, train: bool = False) -> DataLoader:
+    def _loader(self, split: Split, train: bool = False, sampler: Sampler | None = None) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}.get(split, "predict"))
         dataset = self.datasets[split]
         workers = self.hparams.num_workers
+        if train:  # training keys carry (seed, epoch): order and clips survive resumes; evaluation is plain in-order
+            groups = dataset.patient_ids if self.hparams.group_by_patient else None
+            sampler = EpochSampler(len(dataset), seed=self.hparams.seed, groups=groups)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            # Training keys carry (seed, epoch): order and clips survive resumes; evaluation is plain in-order.
-            sampler=EpochSampler(len(dataset), seed=self.hparams.seed) if train else None,
+            sampler=sampler,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=workers > 0,
@@ -182,3 +187,15 @@ class EchoNetDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.hparams.predict_split)
+
+    def eval_dataloader(self, split: Split, *, shard: tuple[int, int] | None = None) -> DataLoader:
+        """Any split the way val/test see it (in order, clip positions fixed by ``eval_seed``), for models that embed
+        or score a whole split outside Lightning's loops. ``shard=(rank, world_size)`` gives one rank its items
+        ``rank, rank + world_size, …`` without padding."""
+        sampler = None
+        if shard is not None:
+            if split not in self.datasets:
+                self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+            rank, world_size = shard
+            sampler = range(rank, len(self.datasets[split]), world_size)
+        return self._loader(split, sampler=sampler)

@@ -10,9 +10,10 @@ a 2-process run all see the same items.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+import torch.distributed as dist
 from torch.utils.data import Sampler
 
 SampleKey = tuple[int, int, int]  # (index, seed, epoch)
@@ -28,12 +29,21 @@ class EpochSampler(Sampler[SampleKey]):
     """Yields ``(index, seed, epoch)`` for every item once per epoch, shuffled by ``(seed, epoch)`` when ``shuffle``.
 
     ``seed=None`` follows ``seed_everything`` (read when iteration starts, so the CLI's seed applies).
+
+    ``groups`` (one label per item, e.g. the patient) makes items of a group adjacent — groups in shuffled order, items
+    shuffled inside each — so a batch holds several videos of one patient, as the re-identification model needs for
+    positive pairs across videos. Under DDP, Lightning's sampler wrapper deals items round-robin (rank r takes items
+    r, r + W, …); the grouped order is laid out so that each rank still receives whole groups, consecutively.
     """
 
-    def __init__(self, num_items: int, *, shuffle: bool = True, seed: int | None = None) -> None:
+    def __init__(self, num_items: int, *, shuffle: bool = True, seed: int | None = None,
+                 groups: Sequence[int] | None = None) -> None:
+        if groups is not None and len(groups) != num_items:
+            raise ValueError(f"groups has {len(groups)} labels for {num_items} items")
         self.num_items = num_items
         self.shuffle = shuffle
         self.seed = seed
+        self.groups = None if groups is None else np.asarray(groups)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -47,5 +57,32 @@ class EpochSampler(Sampler[SampleKey]):
         order = np.arange(self.num_items)
         if self.shuffle:
             order = np.random.default_rng((seed, self.epoch, _ORDER_STREAM)).permutation(self.num_items)
+        if self.groups is not None:
+            order = interleave_for_ranks(group_order(order, self.groups), _world_size())
         for index in order.tolist():
             yield index, seed, self.epoch
+
+
+def group_order(order: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``order`` rearranged so that items of a group are adjacent; groups appear in order of their first item."""
+    labels = groups[order]
+    _, first = np.unique(labels, return_index=True)
+    rank_of_group = {label: rank for rank, label in enumerate(labels[np.sort(first)].tolist())}
+    keys = np.array([rank_of_group[label] for label in labels.tolist()])
+    return order[np.argsort(keys, kind="stable")]
+
+
+def interleave_for_ranks(order: np.ndarray, world_size: int) -> np.ndarray:
+    """Lay ``order`` out so that the round-robin deal ``result[r::world_size]`` is a contiguous piece of it."""
+    if world_size <= 1:
+        return order
+    sizes = [len(range(rank, len(order), world_size)) for rank in range(world_size)]
+    pieces = np.split(order, np.cumsum(sizes)[:-1])
+    result = np.empty_like(order)
+    for rank, piece in enumerate(pieces):
+        result[rank::world_size] = piece
+    return result
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
