@@ -24,7 +24,8 @@ def samples_per_second(module, datamodule, steps: int) -> float:
     """Frames per second through data loading + training step + backward + optimizer step (after one warm-up)."""
     optimizer = module.configure_optimizers()
     module.train()
-    batches = iter(datamodule.train_dataloader())
+    loader = datamodule.train_dataloader()
+    batches = (batch for _ in range(steps + 1) for batch in loader)  # as many epochs as the steps need
     seen, start = 0, None
     for step in range(steps + 1):
         if step == 1:
@@ -44,7 +45,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-frames", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a machine shared with jobs)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from callbacks.latent_cache import LatentCacheWriter
     from datamodules.datamodule import EchoNetDataModule
