@@ -154,7 +154,7 @@ def trained(tmp_path_factory):
     dm = EchoNetDataModule(root, sampling="frames", num_frames=3, batch_size=8, group_by_patient=True)
     epochs = 15
     module = ReIDModule(in_channels=1, layers=[1, 1], block="basic", width=16, stem="small", lr=3e-3,
-                        calibrate_every_n_epochs=epochs)
+                        lr_schedule="constant", calibrate_every_n_epochs=epochs)
     checkpoint = CalibratedCheckpoint(dirpath=out / "checkpoints", save_last=True, monitor="val/auc", mode="max")
     logger = L.pytorch.loggers.CSVLogger(out, name="log")
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=logger, callbacks=[checkpoint],
