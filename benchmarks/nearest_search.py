@@ -15,7 +15,6 @@ import multiprocessing
 import resource
 import time
 
-
 _CHECKED = 64  # leading queries both methods must agree on
 
 
