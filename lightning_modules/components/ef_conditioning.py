@@ -1,0 +1,43 @@
+"""EF conditioning for the diffusion UNet: a learned embedding as a one-token cross-attention sequence, and a learned
+null token that replaces it for classifier-free guidance."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import nn
+
+
+class EFConditioner(nn.Module):
+    """EF in percent ``(B,)`` → cross-attention sequence ``(B, 1, dim)``.
+
+    The EF is embedded like a diffusion timestep (diffusers' sinusoidal :class:`Timesteps` of ``10 × EF``, so 0–100 %
+    spans the 0–1000 range those frequencies were made for, then a :class:`TimestepEmbedding` MLP). Where ``drop`` is
+    True, or for every sample when ``ef`` is None, the learned ``null`` token is used instead: that is the
+    unconditional branch of classifier-free guidance (trained by dropping EF with some probability).
+
+    Args:
+        dim: the UNet's ``cross_attention_dim``.
+        num_frequencies: sinusoidal channels before the MLP.
+    """
+
+    def __init__(self, dim: int, num_frequencies: int = 64) -> None:
+        super().__init__()
+        self.sinusoids = Timesteps(num_frequencies, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.mlp = TimestepEmbedding(num_frequencies, dim)
+        # A small random start: a zero token would make the unconditional branch's attention keys all equal.
+        self.null = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+
+    def forward(self, ef: torch.Tensor | None, drop: torch.Tensor | None = None, batch_size: int | None = None
+                ) -> torch.Tensor:
+        """``ef`` float ``(B,)`` percent or None (all null; then ``batch_size`` is required); ``drop`` bool ``(B,)``."""
+        if ef is None:
+            if batch_size is None:
+                raise ValueError("EFConditioner: batch_size is required when ef is None")
+            return self.null.expand(batch_size, -1, -1)
+        if ef.ndim != 1:
+            raise ValueError(f"EFConditioner expects EF of shape (B,), got {tuple(ef.shape)}")
+        tokens = self.mlp(self.sinusoids(ef.float() * 10.0).to(self.null.dtype)).unsqueeze(1)
+        if drop is None:
+            return tokens
+        return torch.where(drop.view(-1, 1, 1), self.null.expand_as(tokens), tokens)

@@ -1,0 +1,357 @@
+"""``VideoDiffusionModule``: latent video diffusion conditioned on EF and a reference frame (EchoNet-Synthetic's LVDM),
+and, in image mode, the anatomy model that generates reference frames (its LIDM) — one class, two modes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNetSpatioTemporalConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from callbacks.metrics import IndexedCat
+from lightning_modules.components.ef_conditioning import EFConditioner
+from lightning_modules.diffusion_sampling import SAMPLERS, blend_windows, denoising_loop, make_sampler
+
+__all__ = ["VideoDiffusionModule"]
+
+
+class VideoDiffusionModule(L.LightningModule):
+    """Denoiser: diffusers' :class:`UNetSpatioTemporalConditionModel` (the SVD UNet) on latent clips ``(B, T, C, h, w)``
+    as the DataModule serves them (``space: latent``, scaled). Objective: ``prediction_type`` (v-prediction by default)
+    under a diffusers :class:`DDPMScheduler`; sampling with DDIM, DPM-Solver++, Euler or DDPM (:meth:`sample`).
+
+    Conditioning. EF → :class:`EFConditioner` token → cross-attention. In ``mode="video"`` a clean reference latent frame
+    of the same video (a random frame of the clip in training, the first in evaluation) is concatenated on channels to
+    every noisy frame (UNet ``in_channels = 2 × latent_channels``). The clip's fps goes in as the UNet's added time id.
+    Classifier-free guidance is trained: each sample's EF is replaced by the learned null token with probability
+    ``ef_dropout`` and its reference by zeros with probability ``reference_dropout`` (independently).
+
+    ``mode="image"`` is the anatomy model: frames of a ``sampling: frames`` batch are folded into single-frame clips
+    (``T = 1``, no reference), EF-conditioned or, with ``ef_conditioning=False``, unconditional.
+
+    EMA (diffusers :class:`EMAModel`) of the denoiser — the UNet and the EF conditioner it reads, nothing frozen —
+    updated once per optimizer step, swapped in for validation, test and :meth:`sample` (a copy on the same device, no
+    host round trip), saved in the checkpoint under ``"ema"``. Validation/test noise and timesteps are drawn per
+    video from ``eval_seed`` and its ``index``, so ``val/loss`` is comparable across epochs and equal under DDP.
+
+    Args:
+        block_out_channels, layers_per_block, attention_head_dim, cross_attention_dim, addition_time_embed_dim: the
+            UNet (SVD layout: cross-attention in every block but the deepest; heads = channels / head dim; every
+            channel count a multiple of 32). The EF token has ``cross_attention_dim`` channels.
+        beta_schedule, beta_start, beta_end, num_train_timesteps, prediction_type, rescale_betas_zero_snr: the
+            training DDPMScheduler (sampled with the same schedule).
+        sampler, sampling_steps, guidance_scale: :meth:`sample`'s defaults.
+        ema_decay: EMA decay (None: no EMA); diffusers' warm-up ``min(decay, (1 + n) / (10 + n))`` applies.
+        lr, weight_decay, lr_scheduler, warmup_steps: AdamW and a diffusers ``get_scheduler`` schedule, per step.
+    """
+
+    def __init__(
+        self,
+        mode: Literal["video", "image"] = "video",
+        latent_channels: int = 4,
+        block_out_channels: Sequence[int] = (128, 256, 256, 512),
+        layers_per_block: int = 2,
+        attention_head_dim: int = 64,
+        cross_attention_dim: int = 256,
+        addition_time_embed_dim: int = 32,
+        ef_conditioning: bool = True,
+        reference_conditioning: bool = True,
+        ef_dropout: float = 0.1,
+        reference_dropout: float = 0.0,
+        num_train_timesteps: int = 1000,
+        beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear",
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        prediction_type: Literal["v_prediction", "epsilon", "sample"] = "v_prediction",
+        rescale_betas_zero_snr: bool = False,
+        sampler: str = "ddim",
+        sampling_steps: int = 50,
+        guidance_scale: float = 1.0,
+        ema_decay: float | None = 0.9999,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-2,
+        lr_scheduler: str = "constant_with_warmup",
+        warmup_steps: int = 500,
+        eval_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if mode not in ("video", "image"):
+            raise ValueError(f"mode must be 'video' or 'image', got {mode!r}")
+        if mode == "image" and reference_conditioning:
+            raise ValueError("mode='image' is the anatomy model that generates reference frames: set "
+                             "reference_conditioning: false")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        for name, p in (("ef_dropout", ef_dropout), ("reference_dropout", reference_dropout)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        if any(c % 32 for c in block_out_channels):
+            raise ValueError(f"block_out_channels must be multiples of 32 (GroupNorm), got {list(block_out_channels)}")
+        levels = len(block_out_channels)
+        self.unet = UNetSpatioTemporalConditionModel(
+            in_channels=latent_channels * (2 if reference_conditioning else 1),
+            out_channels=latent_channels,
+            down_block_types=("CrossAttnDownBlockSpatioTemporal",) * (levels - 1) + ("DownBlockSpatioTemporal",),
+            up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * (levels - 1),
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            num_attention_heads=tuple(max(1, c // attention_head_dim) for c in block_out_channels),
+            cross_attention_dim=cross_attention_dim,
+            addition_time_embed_dim=addition_time_embed_dim,
+            projection_class_embeddings_input_dim=addition_time_embed_dim,  # one added time id: fps
+        )
+        self.conditioner = EFConditioner(cross_attention_dim)
+        self.noise_scheduler = DDPMScheduler(
+            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
+            beta_end=beta_end, prediction_type=prediction_type, rescale_betas_zero_snr=rescale_betas_zero_snr,
+            clip_sample=False)  # latents are not bounded to [-1, 1]
+        self.ema = EMAModel(self.denoiser_parameters(), decay=ema_decay) if ema_decay is not None else None
+        self._raw_weights: list[torch.Tensor] | None = None  # the trained weights while the EMA is swapped in
+        self._ema_last_step = 0
+        # What sampling needs to know about the training data, recorded at every training step.
+        self.register_buffer("train_num_frames", torch.tensor(0))
+        self.register_buffer("train_fps", torch.tensor(0.0))
+        self.register_buffer("latent_shape", torch.zeros(3, dtype=torch.long))
+        self.val_losses, self.test_losses = IndexedCat(("loss",)), IndexedCat(("loss",))
+
+    # ------------------------------------------------------------------------------------------------ network
+    def denoise(self, noisy: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor,
+                reference: torch.Tensor | None, fps: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction for ``noisy`` ``(B, T, C, h, w)`` at ``timestep`` (scalar or ``(B,)``) given EF
+        ``tokens`` ``(B, 1, D)``, a reference latent ``(B, C, h, w)`` (zeros = none; ignored in image mode) and fps
+        ``(B,)``."""
+        if self.hparams.reference_conditioning:
+            if reference is None:
+                reference = noisy.new_zeros(noisy.shape[0], *noisy.shape[2:])
+            noisy = torch.cat([noisy, reference.unsqueeze(1).expand_as(noisy)], dim=2)
+        return self.unet(noisy, timestep, encoder_hidden_states=tokens, added_time_ids=fps.view(-1, 1).to(noisy.dtype),
+                         return_dict=False)[0]
+
+    # ---------------------------------------------------------------------------------------------- training
+    def _unpack(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        latents, ef, fps, index = batch["video"], batch["ef"].float(), batch["fps"].float(), batch["index"]
+        if latents.ndim != 5 or latents.shape[2] != self.hparams.latent_channels:
+            raise ValueError(f"VideoDiffusionModule expects latent clips (B, T, C={self.hparams.latent_channels}, h, w), "
+                             f"got {tuple(latents.shape)}: set data.space: latent (and a latent_dir)")
+        if self.hparams.mode == "image":  # each frame is one sample: (B·T, 1, C, h, w)
+            frames = latents.shape[1]
+            index = index.repeat_interleave(frames) * frames + torch.arange(frames, device=index.device).repeat(len(ef))
+            ef, fps = ef.repeat_interleave(frames), fps.repeat_interleave(frames)
+            latents = latents.flatten(0, 1).unsqueeze(1)
+        return latents, ef, fps, index
+
+    def _eval_noise(self, index: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        # One generator per item, seeded by its index: the same noise and timestep whatever the batch or rank.
+        noise, timesteps = [], []
+        for key in index.tolist():
+            generator = torch.Generator().manual_seed(self.hparams.eval_seed * 1_000_003 + key)
+            timesteps.append(torch.randint(0, self.hparams.num_train_timesteps, (1,), generator=generator))
+            noise.append(torch.randn(shape, generator=generator))
+        return torch.stack(noise).to(self.device), torch.cat(timesteps).to(self.device)
+
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        latents, ef, fps, index = self._unpack(batch)
+        batch_size, frames = latents.shape[:2]
+        hp = self.hparams
+        if stage == "train":
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, hp.num_train_timesteps, (batch_size,), device=self.device)
+            drop_ef = torch.rand(batch_size, device=self.device) < hp.ef_dropout
+            drop_reference = torch.rand(batch_size, device=self.device) < hp.reference_dropout
+            reference_frame = torch.randint(0, frames, (batch_size,), device=self.device)
+            self.train_num_frames.fill_(frames)
+            self.train_fps.fill_(fps.mean())
+            self.latent_shape.copy_(torch.tensor(latents.shape[2:]))
+        else:
+            noise, timesteps = self._eval_noise(index, latents.shape[1:])
+            noise = noise.to(latents.dtype)
+            drop_ef = drop_reference = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
+            reference_frame = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        if not hp.ef_conditioning:
+            drop_ef = torch.ones_like(drop_ef)
+        reference = latents[torch.arange(batch_size, device=self.device), reference_frame]
+        reference = torch.where(drop_reference.view(-1, 1, 1, 1), torch.zeros_like(reference), reference)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.denoise(noisy, timesteps, self.conditioner(ef, drop_ef), reference, fps)
+        if hp.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise if hp.prediction_type == "epsilon" else latents
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+        if stage == "train":
+            self.log("train/loss", per_sample.mean(), prog_bar=True, batch_size=batch_size)
+        else:
+            getattr(self, f"{stage}_losses").update(index, loss=per_sample)
+        return per_sample.mean()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def _log_eval_loss(self, stage: str) -> None:
+        losses = getattr(self, f"{stage}_losses")
+        if losses.update_count:  # DistributedSampler gives every rank as many batches: equal on every rank
+            # compute() gathers across ranks and drops the sampler's padding: every video once.
+            self.log(f"{stage}/loss", losses.compute()["loss"].mean(), prog_bar=True, sync_dist=True)
+        losses.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=hp.lr, weight_decay=hp.weight_decay)
+        schedule = get_scheduler(hp.lr_scheduler, optimizer, num_warmup_steps=hp.warmup_steps,
+                                 num_training_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------------------- EMA
+    def denoiser_parameters(self) -> list[torch.nn.Parameter]:
+        """The averaged parameters: the UNet's, then the EF conditioner's."""
+        return [*self.unet.parameters(), *self.conditioner.parameters()]
+
+    def on_train_start(self) -> None:
+        # A new Trainer (fine-tuning a loaded model) restarts global_step; a resumed one restores it.
+        self._ema_last_step = self.trainer.global_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Once per optimizer step: with gradient accumulation global_step moves only on the stepping micro-batch.
+        if self.ema is not None and self.trainer.global_step > self._ema_last_step:
+            self._ema_last_step = self.trainer.global_step
+            self.ema.to(device=self.device)
+            self.ema.step(self.denoiser_parameters())
+
+    def swap_in_ema(self) -> None:
+        """Put the EMA weights into the denoiser (the trained ones are kept aside); no-op without EMA or if swapped."""
+        if self.ema is not None and self._raw_weights is None:
+            self.ema.to(device=self.device)
+            parameters = self.denoiser_parameters()
+            self._raw_weights = [p.detach().clone() for p in parameters]
+            self.ema.copy_to(parameters)
+
+    def swap_out_ema(self) -> None:
+        """Give the denoiser its trained weights back."""
+        if self._raw_weights is not None:
+            with torch.no_grad():
+                for parameter, raw in zip(self.denoiser_parameters(), self._raw_weights):
+                    parameter.copy_(raw)
+            self._raw_weights = None
+
+    # The module's epoch hooks run after the callbacks' epoch-start hooks and after their epoch-end hooks: callbacks
+    # that sample at epoch end see EMA weights, and checkpoints (saved at validation end or train epoch end) never do.
+    def on_validation_epoch_start(self) -> None:
+        self.swap_in_ema()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_loss("val")
+        self.swap_out_ema()
+
+    def on_test_epoch_start(self) -> None:
+        self.swap_in_ema()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_loss("test")
+        self.swap_out_ema()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._raw_weights is not None:  # saved mid-validation (e.g. on an exception): keep the trained weights
+            names = [f"unet.{n}" for n, _ in self.unet.named_parameters()]
+            names += [f"conditioner.{n}" for n, _ in self.conditioner.named_parameters()]
+            state = checkpoint["state_dict"]
+            state.update({name: raw.to(state[name].device) for name, raw in zip(names, self._raw_weights)})
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        ef: torch.Tensor | Sequence[float] | float | None = None,
+        reference: torch.Tensor | None = None,
+        num_frames: int | None = None,
+        steps: int | None = None,
+        scheduler: str | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        batch_size: int | None = None,
+        fps: float | None = None,
+        window: int | None = None,
+        overlap: int | None = None,
+        guide_reference: bool = False,
+    ) -> torch.Tensor:
+        """Generate latents ``(B, T, C, h, w)``, scaled like the training data (decode with the VAE).
+
+        ``ef``: percent, ``(B,)`` or one value for all (None: unconditional, the null token). ``reference``: latent
+        frames ``(B, C, h, w)`` for a video model (e.g. from the anatomy model; None: the trained "no reference" zeros).
+        ``num_frames`` (default: the training clip length; image mode: 1) longer than ``window`` (default: the training
+        clip length) is generated in windows ``window − overlap`` apart (default overlap: half a window) whose
+        predictions are blended at every step (:func:`~lightning_modules.diffusion_sampling.blend_windows`).
+        ``guidance_scale`` g: ``u + g (c − u)`` with u the null-EF prediction (also without reference when
+        ``guide_reference``); 1 = no guidance. Runs in eval mode with EMA weights; the previous state is restored.
+        """
+        hp = self.hparams
+        steps, guidance = steps or hp.sampling_steps, hp.guidance_scale if guidance_scale is None else guidance_scale
+        if int(self.train_num_frames) == 0:
+            raise RuntimeError("sample() needs a trained model (train_num_frames and latent_shape are set by training)")
+        if hp.mode == "image":
+            if reference is not None or num_frames not in (None, 1):
+                raise ValueError("an image-mode (anatomy) model generates single frames without a reference")
+            num_frames = 1
+        elif hp.reference_conditioning and reference is None and hp.reference_dropout == 0.0:
+            raise ValueError("this model always saw a reference frame in training (reference_dropout 0): pass one")
+        if ef is not None:
+            ef = torch.as_tensor(ef, dtype=torch.float32, device=self.device).reshape(-1)
+        count = batch_size or (len(reference) if reference is not None else None) or (len(ef) if ef is not None else 0)
+        if not count:
+            raise ValueError("give ef, reference or batch_size to set the number of samples")
+        if ef is not None and len(ef) not in (1, count) or reference is not None and len(reference) != count:
+            raise ValueError(f"{count} samples requested but ef has {len(ef) if ef is not None else '-'} values and "
+                             f"reference {len(reference) if reference is not None else '-'} frames")
+        if ef is not None:
+            ef = ef.expand(count)
+        num_frames = num_frames or int(self.train_num_frames)
+        window = window or int(self.train_num_frames)
+        overlap = window // 2 if overlap is None else overlap
+        fps_tensor = torch.full((count,), float(fps or self.train_fps), device=self.device)
+        tokens = self.conditioner(ef if hp.ef_conditioning else None, batch_size=count)
+        null_tokens = self.conditioner(None, batch_size=count)
+        if reference is not None:
+            reference = reference.to(self.device, self.dtype)
+        unguided_reference = None if guide_reference else reference
+        use_guidance = guidance != 1.0 and (ef is not None and hp.ef_conditioning or guide_reference)
+
+        def window_prediction(timestep: torch.Tensor):
+            def predict(noisy: torch.Tensor) -> torch.Tensor:
+                conditional = self.denoise(noisy, timestep, tokens, reference, fps_tensor)
+                if not use_guidance:
+                    return conditional
+                unconditional = self.denoise(noisy, timestep, null_tokens, unguided_reference, fps_tensor)
+                return unconditional + guidance * (conditional - unconditional)
+            return predict
+
+        shape = (count, num_frames, *self.latent_shape.tolist())
+        was_training, swapped_here = self.training, self._raw_weights is None  # a callback may sample in validation
+        self.eval()
+        self.swap_in_ema()
+        try:
+            return denoising_loop(make_sampler(scheduler or hp.sampler, self.noise_scheduler.config),
+                                  lambda x, t: blend_windows(window_prediction(t), x, window, overlap), shape, steps,
+                                  generator=generator, device=self.device, dtype=self.dtype)
+        finally:
+            if swapped_here:
+                self.swap_out_ema()
+            self.train(was_training)

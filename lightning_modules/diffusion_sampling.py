@@ -1,0 +1,87 @@
+"""Sampling pieces of :mod:`lightning_modules.diffusion` without Lightning in them: diffusers samplers built from the
+training schedule, overlapping-window blending for videos longer than the training window, the denoising loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+SAMPLERS = ("ddim", "dpm++", "euler", "ddpm")
+
+
+def make_sampler(name: str, train_config) -> SchedulerMixin:
+    """A diffusers sampler for the schedule a model was trained with (``train_config``: its DDPMScheduler's config).
+
+    ``"ddim"`` (deterministic, eta 0), ``"dpm++"`` (DPM-Solver++ 2nd order, multistep), ``"euler"`` (Euler discrete)
+    or ``"ddpm"`` (ancestral, the training scheduler itself). Timesteps are spaced ``"trailing"`` so the first step
+    starts from pure noise at t = T − 1 even with few steps (Lin et al. 2024).
+    """
+    if name == "ddim":
+        return DDIMScheduler.from_config(train_config, timestep_spacing="trailing")
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(train_config, timestep_spacing="trailing",
+                                                       algorithm_type="dpmsolver++", solver_order=2)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(train_config, timestep_spacing="trailing")
+    if name == "ddpm":
+        return DDPMScheduler.from_config(train_config, timestep_spacing="trailing")
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def window_starts(length: int, window: int, overlap: int) -> list[int]:
+    """First frames of the windows that cover ``length`` frames: ``window − overlap`` apart, the last one flush with
+    the end (it may overlap its neighbour by more). One window at 0 when the video fits in one."""
+    if window < 1 or not 0 <= overlap < window:
+        raise ValueError(f"need window ≥ 1 and 0 ≤ overlap < window, got window {window}, overlap {overlap}")
+    if length <= window:
+        return [0]
+    return list(range(0, length - window, window - overlap)) + [length - window]
+
+
+def window_weights(window: int, overlap: int) -> torch.Tensor:
+    """float32 ``(window,)`` blending weights: a linear ramp ``1/(overlap+1) … 1`` over ``overlap`` frames at both
+    ends, 1 in between. Where windows overlap, a frame's prediction is the weighted mean of theirs, so each window
+    fades out where the next fades in (no seam); where only one window covers a frame, its prediction is taken as is.
+    """
+    position = torch.arange(window, dtype=torch.float32)
+    return torch.minimum(torch.minimum(position + 1, window - position), torch.tensor(overlap + 1.0)) / (overlap + 1)
+
+
+def blend_windows(denoise: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, window: int,
+                  overlap: int) -> torch.Tensor:
+    """Apply ``denoise`` (``(B, t, …) → (B, t, …)``, t ≤ window) to every window of ``latents`` ``(B, T, …)`` and blend
+    the predictions with :func:`window_weights`. The network sees one window at a time, so its memory does not grow
+    with T; the result equals ``denoise(latents)`` when ``T ≤ window``."""
+    length = latents.shape[1]
+    if length <= window:
+        return denoise(latents)
+    weights = window_weights(window, overlap).to(latents.device, latents.dtype)
+    broadcast = (1, window) + (1,) * (latents.ndim - 2)
+    blended = torch.zeros_like(latents)
+    total = torch.zeros(length, device=latents.device, dtype=latents.dtype)
+    for start in window_starts(length, window, overlap):
+        frames = slice(start, start + window)
+        blended[:, frames] += weights.view(broadcast) * denoise(latents[:, frames])
+        total[frames] += weights
+    return blended / total.view((1, length) + (1,) * (latents.ndim - 2))
+
+
+def denoising_loop(sampler: SchedulerMixin, model_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                   shape: tuple[int, ...], steps: int, *, generator: torch.Generator | None = None,
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Run ``sampler`` for ``steps`` steps from Gaussian noise of ``shape``: the standard diffusers loop
+    (``init_noise_sigma``, ``scale_model_input``, ``step``); ``model_output(x, t)`` is the network's prediction in the
+    sampler's ``prediction_type``. Noise comes from ``generator`` (reproducible on any device)."""
+    if steps < 1:
+        raise ValueError(f"steps must be ≥ 1, got {steps}")
+    sampler.set_timesteps(steps, device=device)
+    latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
+    latents = latents * sampler.init_noise_sigma
+    for timestep in sampler.timesteps:
+        prediction = model_output(sampler.scale_model_input(latents, timestep), timestep)
+        latents = sampler.step(prediction, timestep, latents, generator=generator).prev_sample
+    return latents

@@ -1,0 +1,283 @@
+"""VideoDiffusionModule: guidance dropout that really drops, EMA that differs, validates and survives resume, window
+blending equal to a hand computation and seamless, and video and image (anatomy) models whose loss falls on latents
+of a phantom."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.checkpoint import Checkpoint
+from callbacks.latent_cache import LatentCacheWriter
+from datamodules.datamodule import EchoNetDataModule
+from lightning_modules.diffusion import VideoDiffusionModule
+from lightning_modules.diffusion_sampling import blend_windows, denoising_loop, make_sampler, window_starts
+from lightning_modules.vae import VAEModule
+from tests.test_latent_cache import TINY_VAE
+
+TINY = dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=32, cross_attention_dim=32,
+            addition_time_embed_dim=8, warmup_steps=0, lr=1e-3)
+
+
+def contract_batch(batch_size: int, frames: int, size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A latent batch of the shared contract; each video's frames differ, EFs are distinct."""
+    generator = torch.Generator().manual_seed(seed)
+    return {"video": torch.randn(batch_size, frames, 4, size, size, generator=generator),
+            "ef": torch.linspace(10.0, 90.0, batch_size), "fps": torch.full((batch_size,), 12.5),
+            "index": torch.arange(batch_size), "patient": torch.arange(batch_size)}
+
+
+def capture_unet_inputs(module: VideoDiffusionModule) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Record (sample, encoder_hidden_states) of every UNet call."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(_unet, args, kwargs):
+        calls.append((args[0].detach().clone(), kwargs["encoder_hidden_states"].detach().clone()))
+
+    module.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+# ---------------------------------------------------------------------------------------- guidance dropout
+def test_guidance_dropout_replaces_conditions_in_training_batches():
+    torch.manual_seed(0)
+    module = VideoDiffusionModule(**TINY, ef_dropout=0.5, reference_dropout=0.25)
+    calls = capture_unet_inputs(module)
+    batch = contract_batch(32, 3)
+    module._shared_step(batch, "train")
+    sample, tokens = calls[-1]
+    null = module.conditioner.null.detach()
+    dropped_ef = (tokens == null).all(dim=-1).squeeze(1)
+    assert 0.3 < dropped_ef.float().mean() < 0.7
+    # The others carry their own EF's embedding; all 32 embeddings differ (EF reaches the UNet).
+    conditioned = module.conditioner(batch["ef"]).detach()
+    torch.testing.assert_close(tokens[~dropped_ef], conditioned[~dropped_ef])
+    assert not (conditioned == null).all(dim=-1).any()
+    # Reference channels: one frame of the sample's own clip, on every frame, or zeros where dropped.
+    reference = sample[:, :, 4:]
+    assert torch.equal(reference, reference[:, :1].expand_as(reference))
+    dropped_reference = (reference[:, 0] == 0).flatten(1).all(dim=1)
+    assert 0.1 < dropped_reference.float().mean() < 0.45
+    for i in torch.nonzero(~dropped_reference).flatten().tolist():
+        assert any(torch.equal(reference[i, 0], frame) for frame in batch["video"][i])
+    assert (dropped_ef != dropped_reference).any()  # drawn independently
+
+    # Evaluation never drops; without dropout training never does; an unconditional model always does.
+    module._shared_step(batch, "val")
+    assert not (calls[-1][1] == null).all(dim=-1).any() and not (calls[-1][0][:, :, 4:] == 0).all()
+    never = VideoDiffusionModule(**TINY, ef_dropout=0.0)
+    never_calls = capture_unet_inputs(never)
+    never._shared_step(batch, "train")
+    assert not (never_calls[-1][1] == never.conditioner.null).all(dim=-1).any()
+    unconditional = VideoDiffusionModule(**TINY, mode="image", reference_conditioning=False, ef_conditioning=False)
+    unconditional_calls = capture_unet_inputs(unconditional)
+    unconditional._shared_step(batch, "train")
+    assert (unconditional_calls[-1][1] == unconditional.conditioner.null).all()
+
+
+def test_null_token_is_learned():
+    torch.manual_seed(0)
+    module = VideoDiffusionModule(**TINY, ef_dropout=1.0)
+    before = module.conditioner.null.detach().clone()
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    module._shared_step(contract_batch(4, 3), "train").backward()
+    optimizer.step()
+    assert not torch.allclose(module.conditioner.null, before)
+
+
+# ---------------------------------------------------------------------------------------------- windows
+def test_window_blending_equals_hand_computation():
+    """6 frames, windows of 4 overlapping by 2 (starts 0 and 2, weights 1/3, 2/3, 2/3, 1/3), a denoiser that outputs
+    each frame's position inside its window: frames 2 and 3 are (2·⅔ + 0·⅓) and (3·⅓ + 1·⅔)."""
+    assert window_starts(6, 4, 2) == [0, 2] and window_starts(4, 4, 2) == [0] and window_starts(9, 4, 1) == [0, 3, 5]
+
+    def position_in_window(latents: torch.Tensor) -> torch.Tensor:
+        assert latents.shape[1] <= 4  # the network never sees more than one window
+        return torch.arange(latents.shape[1], dtype=latents.dtype).view(1, -1, 1).expand_as(latents).clone()
+
+    blended = blend_windows(position_in_window, torch.zeros(2, 6, 3), window=4, overlap=2)
+    expected = torch.tensor([0.0, 1.0, 4 / 3, 5 / 3, 2.0, 3.0])
+    torch.testing.assert_close(blended, expected.view(1, 6, 1).expand(2, 6, 3))
+    # Keeping the earlier window and dropping the rest (EchoNet-Synthetic) would give 0 1 2 3 2 3: a jump back of 1.
+    assert blended.diff(dim=1).abs().max() <= 1.0 and (blended.diff(dim=1) > 0).all()
+
+
+def stub_denoiser(module: VideoDiffusionModule, frame_local: bool) -> list[int]:
+    """Replace the UNet by a known function: frame-local (0.3 × input + 0.05 × EF token mean) or position-dependent
+    (that plus each frame's position inside its window). Returns the window lengths it was called with."""
+    lengths: list[int] = []
+
+    def denoise(noisy, timestep, tokens, reference, fps):
+        lengths.append(noisy.shape[1])
+        out = 0.3 * noisy + 0.05 * tokens.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+        if not frame_local:
+            out = out + torch.arange(noisy.shape[1], dtype=noisy.dtype).view(1, -1, 1, 1, 1)
+        return out
+
+    module.denoise = denoise
+    return lengths
+
+
+def trained_shape(module: VideoDiffusionModule, frames: int) -> VideoDiffusionModule:
+    module.train_num_frames.fill_(frames)
+    module.train_fps.fill_(12.5)
+    module.latent_shape.copy_(torch.tensor([4, 2, 2]))
+    return module
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "euler"])
+def test_windowed_sampling_blends_every_step(sampler):
+    torch.manual_seed(0)
+    module = trained_shape(VideoDiffusionModule(**TINY, reference_dropout=1.0), frames=4)
+    lengths = stub_denoiser(module, frame_local=False)
+    latents = module.sample(ef=[30.0, 70.0], num_frames=6, steps=4, scheduler=sampler, window=4, overlap=2,
+                            generator=torch.Generator().manual_seed(1))
+    assert set(lengths) == {4} and len(lengths) == 4 * 2  # 4 steps × 2 windows of 4 frames
+
+    # By hand: the same loop with the blended prediction written out (window weights 1/3, 2/3, 2/3, 1/3).
+    tokens = module.conditioner(torch.tensor([30.0, 70.0])).detach()
+    offsets = torch.tensor([0.0, 1.0, 4 / 3, 5 / 3, 2.0, 3.0]).view(1, 6, 1, 1, 1)
+
+    def hand_blended(x, t):
+        return 0.3 * x + 0.05 * tokens.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1) + offsets
+
+    expected = denoising_loop(make_sampler(sampler, module.noise_scheduler.config), hand_blended, (2, 6, 4, 2, 2), 4,
+                              generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_video_twice_the_window_has_no_seam():
+    """With a denoiser that treats every frame alike, a 16-frame video made of 8-frame windows equals the video made
+    in one pass, at every frame: nothing marks where one window hands over to the next."""
+    torch.manual_seed(0)
+    module = trained_shape(VideoDiffusionModule(**TINY, reference_dropout=1.0), frames=8)
+    lengths = stub_denoiser(module, frame_local=True)
+    kwargs = dict(ef=50.0, batch_size=2, num_frames=16, steps=5, scheduler="dpm++")
+    windowed = module.sample(**kwargs, window=8, overlap=4, generator=torch.Generator().manual_seed(3))
+    assert max(lengths) == 8
+    whole = module.sample(**kwargs, window=16, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(windowed, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_sample_validates_its_inputs():
+    module = VideoDiffusionModule(**TINY)
+    with pytest.raises(RuntimeError, match="trained model"):
+        module.sample(ef=50.0, batch_size=1)
+    trained_shape(module, frames=4)
+    with pytest.raises(ValueError, match="pass one"):  # trained with a reference every time
+        module.sample(ef=50.0, batch_size=1)
+    with pytest.raises(ValueError, match="2 samples requested"):
+        module.sample(ef=[20.0, 50.0, 80.0], reference=torch.zeros(2, 4, 2, 2))
+    with pytest.raises(ValueError, match="reference_conditioning: false"):
+        VideoDiffusionModule(**TINY, mode="image")
+
+
+# ------------------------------------------------------------------------------------- training on latents
+@pytest.fixture(scope="module")
+def latent_phantom(tmp_path_factory) -> tuple[Path, Path]:
+    """A 6-patient phantom at 32 px, encoded at 16 px: a latent cache of 4 × 8 × 8 frames from a random tiny VAE."""
+    from datamodules.phantom import generate_phantom
+
+    root = generate_phantom(tmp_path_factory.mktemp("diffusion") / "data", patients=6, videos_per_patient=1, seed=2,
+                            size=32, frames=(16, 20))
+    torch.manual_seed(0)
+    vae = VAEModule(**TINY_VAE)
+    vae.scaling_factor.fill_(1.0)
+    cache = root.parent / "latents"
+    dm = EchoNetDataModule(root, sampling="video", batch_size=1, predict_split="all", size=16)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[LatentCacheWriter(cache)],
+                        enable_progress_bar=False)
+    trainer.predict(vae, datamodule=dm, return_predictions=False)
+    return root, cache
+
+
+def latent_datamodule(latent_phantom, **overrides) -> EchoNetDataModule:
+    root, cache = latent_phantom
+    options = dict(space="latent", latent_dir=str(cache), latent_posterior="mean", clip_length=4, period=2,
+                   batch_size=2, seed=0) | overrides
+    return EchoNetDataModule(root, **options)
+
+
+def quiet_trainer(root: Path, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=root, **kwargs)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.parametrize("mode", ["video", "image"])
+def test_loss_falls_on_phantom_latents(latent_phantom, tmp_path, mode):
+    torch.manual_seed(0)
+    recorder = LossRecorder()
+    image = mode == "image"
+    module = VideoDiffusionModule(**TINY, mode=mode, reference_conditioning=not image, ema_decay=None)
+    datamodule = latent_datamodule(latent_phantom, **({"sampling": "frames", "num_frames": 4} if image else {}))
+    trainer = quiet_trainer(tmp_path, max_steps=60, overfit_batches=1, callbacks=[recorder],
+                            enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, datamodule)
+    losses = torch.tensor(recorder.losses)
+    assert len(losses) == 60 and losses[-10:].mean() < 0.6 * losses[:10].mean(), losses
+    assert int(module.train_num_frames) == (1 if image else 4) and module.latent_shape.tolist() == [4, 8, 8]
+    sample = module.sample(ef=[30.0, 60.0], reference=None if image else torch.zeros(2, 4, 8, 8), steps=2)
+    assert sample.shape == (2, 1 if image else 4, 4, 8, 8) and torch.isfinite(sample).all()
+
+
+def ema_differences(module: VideoDiffusionModule) -> float:
+    return max(float((s - p.detach()).abs().max()) for s, p in zip(module.ema.shadow_params, module.denoiser_parameters()))
+
+
+def test_ema_differs_validates_and_is_restored_on_resume(latent_phantom, tmp_path):
+    torch.manual_seed(0)
+    module = VideoDiffusionModule(**TINY, ema_decay=0.9)
+    datamodule = latent_datamodule(latent_phantom)
+    checkpoint = Checkpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    # 4 training videos, batch 2, 2 micro-batches per optimizer step: one step per epoch, 3 steps.
+    trainer = quiet_trainer(tmp_path, max_epochs=3, accumulate_grad_batches=2, callbacks=[checkpoint],
+                            num_sanity_val_steps=0)
+    trainer.fit(module, datamodule)
+    assert trainer.global_step == 3 and module.ema.optimization_step == 3  # once per optimizer step
+    assert ema_differences(module) > 1e-4  # EMA weights are not the raw weights
+
+    # Validation runs on the EMA weights, and gives the raw weights back.
+    raw = [p.detach().clone() for p in module.denoiser_parameters()]
+    ema_loss = trainer.validate(module, datamodule, verbose=False)[0]["val/loss"]
+    assert all(torch.equal(p, r) for p, r in zip(module.denoiser_parameters(), raw))
+    as_plain = VideoDiffusionModule(**TINY, ema_decay=None)
+    as_plain.load_state_dict(module.state_dict())
+    raw_loss = quiet_trainer(tmp_path).validate(as_plain, datamodule, verbose=False)[0]["val/loss"]
+    module.ema.copy_to(as_plain.denoiser_parameters())
+    ema_plain_loss = quiet_trainer(tmp_path).validate(as_plain, datamodule, verbose=False)[0]["val/loss"]
+    assert ema_loss == pytest.approx(ema_plain_loss, rel=1e-5) and ema_loss != pytest.approx(raw_loss, rel=1e-4)
+    assert trainer.validate(module, datamodule, verbose=False)[0]["val/loss"] == ema_loss  # fixed noise per video
+
+    # The checkpoint holds the EMA; loading and resuming restore it exactly, and training goes on from its count.
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["ema"]["optimization_step"] == 3
+    loaded = VideoDiffusionModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", map_location="cpu",
+                                                       weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.ema.shadow_params, saved["ema"]["shadow_params"]))
+    assert ema_differences(loaded) > 1e-4
+    # Fine-tuning the loaded model with a new Trainer (global_step from 0) keeps updating its EMA every step.
+    quiet_trainer(tmp_path, max_steps=2, enable_checkpointing=False, num_sanity_val_steps=0,
+                  limit_val_batches=0).fit(loaded, latent_datamodule(latent_phantom))
+    assert loaded.ema.optimization_step == 5
+    resumed = VideoDiffusionModule(**TINY, ema_decay=0.9)
+    trainer = quiet_trainer(tmp_path, max_epochs=4, accumulate_grad_batches=2, enable_checkpointing=False,
+                            num_sanity_val_steps=0, limit_val_batches=0)
+    before = [s.clone() for s in saved["ema"]["shadow_params"]]
+    trainer.fit(resumed, latent_datamodule(latent_phantom), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.ema.optimization_step == 4
+    # One more EMA step from the restored average: shadow = d·saved + (1 − d)·new weights, d = min(0.9, 4/13).
+    decay = min(0.9, (1 + 3) / (10 + 3))
+    for shadow, saved_shadow, weight in zip(resumed.ema.shadow_params, before, resumed.denoiser_parameters()):
+        torch.testing.assert_close(shadow, decay * saved_shadow + (1 - decay) * weight.detach(), rtol=1e-5,
+                                   atol=1e-6)
