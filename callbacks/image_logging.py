@@ -39,7 +39,8 @@ def _file_name(key: str, step: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', key).strip('_') or 'image'}_step{step:08d}.png"
 
 
-def _png_folder(logger: Logger | None, trainer: L.Trainer) -> Path:
+def log_folder(logger: Logger | None, trainer: L.Trainer) -> Path:
+    """Where files logged beside ``logger`` go: ``<its log_dir or save_dir, else default_root_dir>/images``."""
     folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or trainer.default_root_dir
     return Path(folder) / "images"
 
@@ -63,7 +64,7 @@ def log_image(trainer: L.Trainer, key: str, image: np.ndarray, step: int) -> lis
         elif isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[image], step=step)
         else:
-            path = _png_folder(logger, trainer) / _file_name(key, step)
+            path = log_folder(logger, trainer) / _file_name(key, step)
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(path)
             written.append(path)
