@@ -1,0 +1,118 @@
+"""``echo-lvdm sample``: videos from a trained :class:`~lightning_modules.diffusion.VideoDiffusionModule` at requested
+EFs, decoded by the exported VAE and written as mp4 with a CSV of what was asked — and, given an EF regressor, what
+EF the videos show (the EF-faithfulness check: R² and MAE between requested and read EF).
+
+Reference frames (for a model conditioned on one) come from an anatomy model (``--anatomy``, image mode) or from real
+videos (``--reference-root`` with its latent cache: frame 0 of the split's videos, in FileList order, cycled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="VideoDiffusionModule checkpoint (video mode)")
+    parser.add_argument("--vae", type=Path, required=True, help="exported VAE folder (echo-lvdm export-vae)")
+    parser.add_argument("--ef", type=float, nargs="+", required=True, help="EF values (percent) to request")
+    parser.add_argument("--per-ef", type=int, default=1, help="videos per EF value (default 1)")
+    parser.add_argument("--anatomy", type=Path, help="image-mode VideoDiffusionModule checkpoint for reference frames")
+    parser.add_argument("--reference-root", type=Path, help="EchoNet folder whose videos give reference frames")
+    parser.add_argument("--latent-dir", type=Path, help="latent cache of --reference-root")
+    parser.add_argument("--split", default="TEST", help="split of --reference-root (default TEST)")
+    parser.add_argument("--num-frames", type=int, help="frames per video (default: the training clip length)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's sampling_steps)")
+    parser.add_argument("--sampler", choices=["ddim", "dpm++", "euler", "ddpm"], help="default: the model's")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8, help="videos sampled together")
+    parser.add_argument("--ef-regressor", type=Path, help="EFRegressorModule checkpoint (pixel) to read EF back")
+    parser.add_argument("--ef-size", type=int, help="frame size the regressor was trained on (default: decoded size)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (mp4 files and samples.csv)")
+
+
+def reference_frames(args: argparse.Namespace, count: int, generator: torch.Generator) -> torch.Tensor | None:
+    """``(count, C, h, w)`` scaled reference latents, or None when neither source is given."""
+    from lightning_modules.diffusion import VideoDiffusionModule
+
+    if args.anatomy is not None:
+        anatomy = VideoDiffusionModule.load_from_checkpoint(args.anatomy, map_location="cpu", weights_only=True)
+        # Each reference is an anatomy sample at the EF its video will be asked for.
+        return torch.cat([anatomy.sample(ef=args.ef_plan[i:i + args.batch_size], generator=generator)[:, 0]
+                          for i in range(0, count, args.batch_size)])
+    if args.reference_root is None:
+        return None
+    from datamodules.datamodule import EchoNetDataModule
+
+    if args.latent_dir is None:
+        raise ValueError("--reference-root needs --latent-dir (its latent cache)")
+    split = args.split.lower()
+    datamodule = EchoNetDataModule(args.reference_root, space="latent", latent_dir=args.latent_dir,
+                                   latent_posterior="mean", sampling="clip", clip_length=1)
+    datamodule.setup("test" if split == "test" else "fit")
+    dataset = datamodule.datasets[split]
+    return torch.stack([dataset[i % len(dataset)]["video"][0] for i in range(count)])
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from callbacks.video_logging import decode_frames, load_frozen_vae, video_array
+    from datamodules.video_io import atomic_output, write_video
+    from lightning_modules.diffusion import VideoDiffusionModule
+
+    model = VideoDiffusionModule.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=True)
+    if model.hparams.mode != "video":
+        log.error("sample: %s is an image-mode (anatomy) model; pass it as --anatomy", args.checkpoint)
+        return 1
+    vae = load_frozen_vae(args.vae)
+    generator = torch.Generator().manual_seed(args.seed)
+    args.ef_plan = [ef for ef in args.ef for _ in range(args.per_ef)]
+    count = len(args.ef_plan)
+    references = reference_frames(args, count, generator)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for start in range(0, count, args.batch_size):
+        efs = args.ef_plan[start:start + args.batch_size]
+        latents = model.sample(ef=efs, reference=None if references is None else references[start:start + len(efs)],
+                               num_frames=args.num_frames, steps=args.steps, scheduler=args.sampler,
+                               guidance_scale=args.guidance_scale, generator=generator)
+        pixels = decode_frames(vae, latents).clamp(-1, 1)
+        for offset, (ef, video) in enumerate(zip(efs, pixels)):
+            name = f"sample_{start + offset:05d}_ef{ef:g}.mp4"
+            write_video(args.out / name, video_array(video), fps=float(model.train_fps))
+            rows.append({"FileName": name, "RequestedEF": ef, "pixels": video})
+    if args.ef_regressor is not None:
+        read_back(rows, args)
+    with atomic_output(args.out / "samples.csv") as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["FileName", "RequestedEF"] + (["ReadEF"] if args.ef_regressor else []))
+        writer.writeheader()
+        writer.writerows({key: value for key, value in row.items() if key != "pixels"} for row in rows)
+    log.info("sample: %d videos → %s", count, args.out)
+    return 0
+
+
+def read_back(rows: list[dict], args: argparse.Namespace) -> None:
+    """Add ``ReadEF`` to each row (the regressor's EF of its decoded video); log R² and MAE against RequestedEF."""
+    import torch.nn.functional as F
+    from torchmetrics.functional import mean_absolute_error, r2_score
+
+    from lightning_modules.ef_regressor import EFRegressorModule
+
+    regressor = EFRegressorModule.load_from_checkpoint(args.ef_regressor, map_location="cpu", weights_only=True)
+    for row in rows:
+        video = row["pixels"]  # (T, C, H, W) in [-1, 1]
+        if args.ef_size and video.shape[-1] != args.ef_size:
+            video = F.interpolate(video, size=(args.ef_size, args.ef_size), mode="bilinear", antialias=True,
+                                  align_corners=False)
+        clip_length = int(regressor.train_clip_length) or len(video)
+        row["ReadEF"] = round(float(regressor.predict_video_ef(video, clip_length)), 3)
+    requested = torch.tensor([row["RequestedEF"] for row in rows])
+    read = torch.tensor([row["ReadEF"] for row in rows])
+    log.info("sample: EF read back by %s: R² %.3f, MAE %.2f (requested vs read, %d videos)", args.ef_regressor,
+             float(r2_score(read, requested)), float(mean_absolute_error(read, requested)), len(rows))

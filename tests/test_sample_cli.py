@@ -1,0 +1,70 @@
+"""``echo-lvdm sample``: one mp4 per requested video, a CSV of requested EFs and the EF a regressor reads back, equal
+to sampling, decoding and regressing by hand with the same seed."""
+
+from __future__ import annotations
+
+import csv
+import logging
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.video_logging import decode_frames, load_frozen_vae
+from datamodules.video_io import probe_video
+from lightning_modules.cli import main
+from lightning_modules.diffusion import VideoDiffusionModule
+from lightning_modules.ef_regressor import EFRegressorModule
+from tests.test_video_logging import FRAMES, LATENT, PIXELS, TINY, vae_folder  # noqa: F401  (fixture)
+
+
+def save_checkpoint(module: L.LightningModule, path, class_path: str, **extra) -> None:
+    """A checkpoint as ``echo-lvdm fit`` writes it (LightningCLI records the class path)."""
+    torch.save({"state_dict": module.state_dict(), "pytorch-lightning_version": L.__version__,
+                "hyper_parameters": {**module.hparams, "_class_path": class_path}, **extra}, path)
+
+
+def test_sample_writes_videos_and_reads_ef_back(vae_folder, tmp_path, caplog):  # noqa: F811
+    torch.manual_seed(0)
+    diffusion = VideoDiffusionModule(**TINY, reference_dropout=1.0)
+    diffusion.train_num_frames.fill_(FRAMES)
+    diffusion.train_fps.fill_(12.5)
+    diffusion.latent_shape.copy_(torch.tensor([4, LATENT, LATENT]))
+    save_checkpoint(diffusion, tmp_path / "lvdm.ckpt", "lightning_modules.diffusion.VideoDiffusionModule",
+                    ema=diffusion.ema.state_dict())
+    regressor = EFRegressorModule(layers=[1, 1], width=8, stem_kernel=3, spatial_strides=[1, 2],
+                                  temporal_strides=[1, 2])
+    with torch.no_grad():
+        regressor.network.fc.weight.normal_(0.0, 20.0)  # EFs that differ from video to video
+        regressor.network.fc.bias.fill_(50.0)
+    regressor.train_clip_length.fill_(FRAMES)
+    save_checkpoint(regressor, tmp_path / "ef.ckpt", "lightning_modules.ef_regressor.EFRegressorModule")
+
+    out = tmp_path / "samples"
+    with caplog.at_level(logging.INFO):
+        assert main(["sample", "--checkpoint", str(tmp_path / "lvdm.ckpt"), "--vae", str(vae_folder),
+                     "--ef", "20", "80", "--per-ef", "2", "--steps", "3", "--seed", "5", "--batch-size", "3",
+                     "--ef-regressor", str(tmp_path / "ef.ckpt"), "--out", str(out)]) == 0
+    with (out / "samples.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["RequestedEF"]) for row in rows] == [20.0, 20.0, 80.0, 80.0]
+    for row in rows:
+        info = probe_video(out / row["FileName"])
+        assert (info.num_frames, info.height, info.width) == (FRAMES, PIXELS, PIXELS)
+
+    # By hand: the same two batches (3 + 1 videos) from the same generator, decoded, regressed.
+    generator = torch.Generator().manual_seed(5)
+    latents = torch.cat([diffusion.sample(ef=[20.0, 20.0, 80.0], steps=3, generator=generator),
+                         diffusion.sample(ef=[80.0], steps=3, generator=generator)])
+    pixels = decode_frames(load_frozen_vae(vae_folder), latents).clamp(-1, 1)
+    expected = [float(regressor.predict_video_ef(video, FRAMES)) for video in pixels]
+    assert [float(row["ReadEF"]) for row in rows] == pytest.approx(expected, abs=2e-3)
+    assert len(set(expected)) == 4
+    assert "R²" in caplog.text and "MAE" in caplog.text
+
+
+def test_sample_refuses_an_anatomy_model_as_video_model(vae_folder, tmp_path):  # noqa: F811
+    anatomy = VideoDiffusionModule(**TINY, mode="image", reference_conditioning=False)
+    save_checkpoint(anatomy, tmp_path / "lidm.ckpt", "lightning_modules.diffusion.VideoDiffusionModule")
+    assert main(["sample", "--checkpoint", str(tmp_path / "lidm.ckpt"), "--vae", str(vae_folder), "--ef", "50",
+                 "--out", str(tmp_path / "out")]) == 1
