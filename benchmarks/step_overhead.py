@@ -131,7 +131,7 @@ class InterleavedBareLoop(L.Callback):
         self.schedule.step()
         if self.bare.ema is not None:  # VideoDiffusionModule.on_train_batch_end
             self.bare.ema.to(device=self.device)
-            self.bare.ema.step(self.bare.unet.parameters())
+            self.bare.ema.step(self.bare.denoiser_parameters())
         return float(loss.detach())
 
 
