@@ -62,6 +62,10 @@ class ReIDModule(L.LightningModule):
         in_channels: 4 for latents, 1–3 for pixels. layers, block, width, stem, embedding_dim, norm: the
             :class:`~lightning_modules.components.resnet.ResNetEncoder` (default: ResNet-50 with a latent stem and
             GroupNorm, which stays stable with patient-grouped batches where BatchNorm did not).
+        layout_grid: ``0`` (off) or ``G``: add to the ResNet's output a linear map of the normalised frame
+            average-pooled to ``G × G`` cells. The ResNet ends in global average pooling, which discards *where*
+            things are; on the phantom the layout is most of the identity (an untrained L1 distance between
+            normalised latent frames reaches test AUC 0.99, the small latent ResNet alone 0.80 on 96 patients).
         lr, weight_decay: AdamW. lr_schedule: ``"cosine"`` decays to 0 over the run after a linear warm-up of
             ``warmup_fraction`` of the steps (the held-out AUC of a constant rate kept swinging by ±0.1 between
             epochs on the phantom); ``"constant"``.
@@ -81,6 +85,7 @@ class ReIDModule(L.LightningModule):
         embedding_dim: int = 128,
         norm: NormKind = "group",
         normalize: Literal["frame_minmax", "none"] = "frame_minmax",
+        layout_grid: int = 0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
@@ -98,8 +103,11 @@ class ReIDModule(L.LightningModule):
             raise ValueError(f"quantile must be in (0, 1], got {quantile}")
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        if layout_grid < 0:
+            raise ValueError(f"layout_grid must be ≥ 0 (0 = off), got {layout_grid}")
         self.encoder = ResNetEncoder(in_channels, layers=tuple(layers), block=block, width=width, stem=stem,
                                      embedding_dim=embedding_dim, norm=norm)
+        self.layout = nn.Linear(in_channels * layout_grid**2, embedding_dim) if layout_grid else None
         self.head = nn.Linear(embedding_dim, 1)
         self.register_buffer("tau", torch.tensor(math.nan, dtype=torch.float64))
         self.register_buffer("tau_quantile", torch.tensor(math.nan, dtype=torch.float64))
@@ -118,7 +126,12 @@ class ReIDModule(L.LightningModule):
 
     def embed(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames ``(N, C, H, W)`` → embeddings ``(N, D)`` in (0, 1)."""
-        return torch.sigmoid(self.encoder(self.normalize(frames)))
+        frames = self.normalize(frames)
+        features = self.encoder(frames)
+        if self.layout is not None:
+            cells = F.adaptive_avg_pool2d(frames, self.hparams.layout_grid).flatten(1)
+            features = features + self.layout(cells)
+        return torch.sigmoid(features)
 
     def embed_videos(self, video: torch.Tensor) -> torch.Tensor:
         """Videos ``(B, F, C, H, W)`` → per-frame embeddings ``(B, F, D)``."""
@@ -164,8 +177,10 @@ class ReIDModule(L.LightningModule):
         return values <= float(self.tau), values
 
     def weights_checksum(self) -> str:
-        """sha256 of the encoder and head weights (BatchNorm statistics included): the embedding caches' key."""
+        """sha256 of the encoder, layout and head weights (BatchNorm statistics included): the embedding caches' key."""
         state = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
+        if self.layout is not None:
+            state.update({f"layout.{k}": v for k, v in self.layout.state_dict().items()})
         state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         return checksum_of_weights(state)
 

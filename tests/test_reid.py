@@ -97,6 +97,22 @@ def test_tau_equals_brute_force_and_filter_refuses_without_it():
         assert found == int(np.argmax(per_video))
 
 
+def test_layout_branch_adds_the_pooled_frame_and_enters_the_checksum():
+    torch.manual_seed(0)
+    module = ReIDModule(**{**TINY, "in_channels": 4}, layout_grid=2).requires_grad_(False)
+    frames = torch.rand(3, 4, 8, 8)
+    normalised = module.normalize(frames)
+    cells = torch.nn.functional.adaptive_avg_pool2d(normalised, 2).flatten(1)  # (3, 4 · 2 · 2)
+    expected = torch.sigmoid(module.encoder(normalised) + cells @ module.layout.weight.T + module.layout.bias)
+    torch.testing.assert_close(module.embed(frames), expected)
+    checksum = module.weights_checksum()
+    module.layout.weight.add_(0.01)  # caches of embeddings must not survive a change of the layout weights
+    assert module.weights_checksum() != checksum
+    assert ReIDModule(**TINY).layout is None  # off by default
+    with pytest.raises(ValueError, match="layout_grid"):
+        ReIDModule(**TINY, layout_grid=-1)
+
+
 def test_training_pairs_prefer_other_videos_and_are_balanced():
     patient, index = torch.tensor([7, 7, 8, 9, 9, 9]), torch.tensor([0, 1, 2, 3, 4, 5])
     first, second, label = training_pairs(patient, index, num_frames=3, generator=torch.Generator().manual_seed(0))
