@@ -35,7 +35,7 @@ def load_frozen_vae(path: str | Path) -> AutoencoderKL:
     if "scaling_factor" not in json.loads(config.read_text()):
         raise ValueError(f"VideoLogger: {config} has no scaling_factor; export the VAE with `echo-lvdm export-vae`, "
                          "which records the factor its latents were scaled by")
-    vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)  # no accelerate needed
     vae.eval().requires_grad_(False)
     return vae
 
