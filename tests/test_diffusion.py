@@ -281,3 +281,58 @@ def test_ema_differs_validates_and_is_restored_on_resume(latent_phantom, tmp_pat
     for shadow, saved_shadow, weight in zip(resumed.ema.shadow_params, before, resumed.denoiser_parameters()):
         torch.testing.assert_close(shadow, decay * saved_shadow + (1 - decay) * weight.detach(), rtol=1e-5,
                                    atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_validation_loss_equals_one_process(tmp_path):
+    """`echo-lvdm validate` on 3 validation videos: 2 CPU processes (DistributedSampler pads to 4) log the val/loss of
+    1 process — noise is keyed by video index and the padding is dropped."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    from datamodules.phantom import generate_phantom
+
+    root = generate_phantom(tmp_path / "data", patients=5, videos_per_patient=1, seed=4, size=32, frames=(12, 14),
+                            split_fractions=(0.2, 0.6, 0.2))
+    torch.manual_seed(0)
+    vae = VAEModule(**TINY_VAE)
+    vae.scaling_factor.fill_(1.0)
+    L.Trainer(accelerator="cpu", logger=False, callbacks=[LatentCacheWriter(tmp_path / "latents")],
+              enable_progress_bar=False).predict(
+        vae, datamodule=EchoNetDataModule(root, sampling="video", batch_size=1, predict_split="all", size=16),
+        return_predictions=False)
+    module = trained_shape(VideoDiffusionModule(**TINY), frames=4)
+    checkpoint = tmp_path / "lvdm.ckpt"  # as `echo-lvdm fit` writes it: LightningCLI records the class path
+    torch.save({"state_dict": module.state_dict(), "pytorch-lightning_version": L.__version__, "ema":
+                module.ema.state_dict(), "hyper_parameters": {**module.hparams, "_class_path":
+                                                              "lightning_modules.diffusion.VideoDiffusionModule"}},
+               checkpoint)
+    config = tmp_path / "validate.yaml"
+    config.write_text("model:\n  class_path: lightning_modules.diffusion.VideoDiffusionModule\n"
+                      "trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.CSVLogger\n"
+                      "    init_args:\n      save_dir: logs\n")
+    losses = {}
+    for devices in (1, 2):
+        log_dir = tmp_path / f"devices{devices}"
+        command = [str(Path(sys.executable).with_name("echo-lvdm")), "validate", "--config", str(config),
+                   "--data.root", str(root), "--data.space", "latent", "--data.latent_dir", str(tmp_path / "latents"),
+                   "--data.clip_length", "4", "--data.batch_size", "1", "--data.num_workers", "0",
+                   "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy",
+                   "ddp" if devices > 1 else "auto", "--trainer.enable_progress_bar", "false",
+                   "--trainer.default_root_dir", str(log_dir), "--trainer.logger.init_args.save_dir", str(log_dir),
+                   "--ckpt_path", str(checkpoint)]
+        result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = list(csv.DictReader(open(next(log_dir.rglob("metrics.csv")))))
+        losses[devices] = float(rows[-1]["val/loss"])
+    # One process by hand: the three videos' losses under the EMA weights, averaged.
+    datamodule = EchoNetDataModule(root, space="latent", latent_dir=str(tmp_path / "latents"), clip_length=4,
+                                   batch_size=3)
+    datamodule.setup("validate")
+    module.swap_in_ema()
+    by_hand = float(module._shared_step(next(iter(datamodule.val_dataloader())), "val"))
+    assert losses[1] == pytest.approx(by_hand, rel=1e-4)
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5)

@@ -63,6 +63,32 @@ def test_sample_writes_videos_and_reads_ef_back(vae_folder, tmp_path, caplog):  
     assert "R²" in caplog.text and "MAE" in caplog.text
 
 
+def test_sample_takes_reference_frames_from_the_anatomy_model(vae_folder, tmp_path):  # noqa: F811
+    torch.manual_seed(0)
+    diffusion = VideoDiffusionModule(**TINY)  # always trained with a reference: it needs one
+    anatomy = VideoDiffusionModule(**TINY, mode="image", reference_conditioning=False)
+    for module, frames in ((diffusion, FRAMES), (anatomy, 1)):
+        module.train_num_frames.fill_(frames)
+        module.train_fps.fill_(12.5)
+        module.latent_shape.copy_(torch.tensor([4, LATENT, LATENT]))
+    class_path = "lightning_modules.diffusion.VideoDiffusionModule"
+    save_checkpoint(diffusion, tmp_path / "lvdm.ckpt", class_path, ema=diffusion.ema.state_dict())
+    save_checkpoint(anatomy, tmp_path / "lidm.ckpt", class_path, ema=anatomy.ema.state_dict())
+    out = tmp_path / "samples"
+    assert main(["sample", "--checkpoint", str(tmp_path / "lvdm.ckpt"), "--vae", str(vae_folder), "--anatomy",
+                 str(tmp_path / "lidm.ckpt"), "--ef", "30", "70", "--steps", "2", "--seed", "1", "--out", str(out)]) == 0
+    # By hand: anatomy frames at the requested EFs first, then the videos from those references, one generator.
+    generator = torch.Generator().manual_seed(1)
+    references = anatomy.sample(ef=[30.0, 70.0], generator=generator)[:, 0]
+    latents = diffusion.sample(ef=[30.0, 70.0], reference=references, steps=2, generator=generator)
+    expected = decode_frames(load_frozen_vae(vae_folder), latents).clamp(-1, 1)
+    from datamodules.video_io import read_video
+
+    for video, name in zip(expected, ["sample_00000_ef30.mp4", "sample_00001_ef70.mp4"]):
+        written = torch.from_numpy(read_video(out / name).astype("float32"))
+        assert (written - ((video[:, 0] + 1) * 127.5)).abs().mean() < 4.0  # H.264 of the same frames
+
+
 def test_sample_refuses_an_anatomy_model_as_video_model(vae_folder, tmp_path):  # noqa: F811
     anatomy = VideoDiffusionModule(**TINY, mode="image", reference_conditioning=False)
     save_checkpoint(anatomy, tmp_path / "lidm.ckpt", "lightning_modules.diffusion.VideoDiffusionModule")
