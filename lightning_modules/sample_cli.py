@@ -38,15 +38,15 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (mp4 files and samples.csv)")
 
 
-def reference_frames(args: argparse.Namespace, count: int, generator: torch.Generator) -> torch.Tensor | None:
-    """``(count, C, h, w)`` scaled reference latents, or None when neither source is given."""
+def reference_frames(args: argparse.Namespace, efs: list[float], generator: torch.Generator) -> torch.Tensor | None:
+    """One scaled reference latent ``(C, h, w)`` per requested EF, stacked; None when neither source is given."""
     from lightning_modules.diffusion import VideoDiffusionModule
 
     if args.anatomy is not None:
         anatomy = VideoDiffusionModule.load_from_checkpoint(args.anatomy, map_location="cpu", weights_only=True)
         # Each reference is an anatomy sample at the EF its video will be asked for.
-        return torch.cat([anatomy.sample(ef=args.ef_plan[i:i + args.batch_size], generator=generator)[:, 0]
-                          for i in range(0, count, args.batch_size)])
+        return torch.cat([anatomy.sample(ef=efs[i:i + args.batch_size], generator=generator)[:, 0]
+                          for i in range(0, len(efs), args.batch_size)])
     if args.reference_root is None:
         return None
     from datamodules.datamodule import EchoNetDataModule
@@ -58,7 +58,7 @@ def reference_frames(args: argparse.Namespace, count: int, generator: torch.Gene
                                    latent_posterior="mean", sampling="clip", clip_length=1)
     datamodule.setup("test" if split == "test" else "fit")
     dataset = datamodule.datasets[split]
-    return torch.stack([dataset[i % len(dataset)]["video"][0] for i in range(count)])
+    return torch.stack([dataset[i % len(dataset)]["video"][0] for i in range(len(efs))])
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -72,13 +72,13 @@ def run_sample(args: argparse.Namespace) -> int:
         return 1
     vae = load_frozen_vae(args.vae)
     generator = torch.Generator().manual_seed(args.seed)
-    args.ef_plan = [ef for ef in args.ef for _ in range(args.per_ef)]
-    count = len(args.ef_plan)
-    references = reference_frames(args, count, generator)
+    plan = [ef for ef in args.ef for _ in range(args.per_ef)]
+    count = len(plan)
+    references = reference_frames(args, plan, generator)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for start in range(0, count, args.batch_size):
-        efs = args.ef_plan[start:start + args.batch_size]
+        efs = plan[start:start + args.batch_size]
         latents = model.sample(ef=efs, reference=None if references is None else references[start:start + len(efs)],
                                num_frames=args.num_frames, steps=args.steps, scheduler=args.sampler,
                                guidance_scale=args.guidance_scale, generator=generator)
