@@ -88,3 +88,30 @@ def test_temporal_consistency_equals_brute_force():
     torch.testing.assert_close(found, torch.tensor(expected, dtype=torch.float32))
     still = embeddings[:, :1].expand(-1, 5, -1)  # a frozen video is perfectly consistent: sigmoid(bias)
     torch.testing.assert_close(temporal_consistency(still, weight, bias), torch.sigmoid(bias).expand(4))
+
+
+def test_metric_classes_count_each_video_once():
+    """Batches as two DDP ranks would see 7 videos: padded to 8 with a repeat of video 0 — the torchmetrics classes
+    equal the functions on the 7 distinct videos."""
+    from callbacks.reid_metrics import CoverageMetric, EmbeddingDistributionMetrics, MeanPerVideo
+
+    generator = torch.Generator().manual_seed(4)
+    score, match = torch.randn(7, generator=generator), torch.tensor([3, 3, 1, 0, 5, 3, 2])
+    embedding, value = torch.randn(7, 6, generator=generator, dtype=torch.float64), torch.rand(7, generator=generator)
+    reference = torch.randn(20, 6, generator=generator, dtype=torch.float64)
+    coverage, distribution = CoverageMetric(bank_size=10, tau=0.1), EmbeddingDistributionMetrics(reference)
+    mean = MeanPerVideo()
+    for rows in ([0, 2, 4, 6], [1, 3, 5, 0]):  # rank 0's and rank 1's shards; 0 is the sampler's padding
+        rows = torch.tensor(rows)
+        coverage.update(rows, score=score[rows], match=match[rows])
+        distribution.update(rows, embedding=embedding[rows])
+        mean.update(rows, value=value[rows])
+    found = coverage.compute()
+    assert float(found["coverage"]) == pytest.approx(float(coverage_fraction(match, 10)))  # 4 distinct of 7
+    assert float(found["memorization_rate"]) == pytest.approx(float(memorization_rate(score, 0.1)))
+    expected = density_and_coverage(reference, embedding)
+    found = distribution.compute()
+    assert float(found["density"]) == pytest.approx(float(expected["density"]))
+    assert float(found["prdc_coverage"]) == pytest.approx(float(expected["coverage"]))
+    assert float(found["fd"]) == pytest.approx(float(frechet_distance(reference, embedding)))
+    assert float(mean.compute()) == pytest.approx(float(value.double().mean()))

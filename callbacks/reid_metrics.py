@@ -1,0 +1,69 @@
+"""torchmetrics ``Metric`` classes for coverage and faithfulness: per-video values are concatenated across DDP ranks
+and de-duplicated by the batch contract's ``index`` (:class:`~callbacks.metrics.IndexedCat`), then reduced by the
+functions of :mod:`callbacks.coverage_metrics`. EF faithfulness is
+:class:`~lightning_modules.components.ef_metrics.EFRegressionMetrics` with the regressor's reading as ``preds`` and
+the requested EF as ``target``."""
+
+from __future__ import annotations
+
+import torch
+
+from callbacks.coverage_metrics import coverage_fraction, density_and_coverage, frechet_distance, memorization_rate
+from callbacks.metrics import IndexedCat
+
+
+class CoverageMetric(IndexedCat):
+    """Coverage ("learned") and memorisation rate of videos against a training bank of ``bank_size`` videos.
+
+    ``update(index, score, match)``: each video's best re-ID score ``(N,)`` over the bank and the bank video that
+    gives it ``(N,)`` (:meth:`~lightning_modules.reid.ReIDModule.video_search`). ``compute()`` →
+    ``{"coverage", "memorization_rate"}`` (memorisation: score > ``tau``), float64 scalars.
+    """
+
+    higher_is_better = None
+
+    def __init__(self, bank_size: int, tau: float, **kwargs) -> None:
+        super().__init__(keys=("score", "match"), **kwargs)
+        self.bank_size, self.tau = int(bank_size), float(tau)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        values = super().compute()
+        return {"coverage": coverage_fraction(values["match"], self.bank_size),
+                "memorization_rate": memorization_rate(values["score"], self.tau)}
+
+
+class EmbeddingDistributionMetrics(IndexedCat):
+    """Density and coverage (Naeem et al. 2020, ``k`` neighbours) and the Fréchet distance between the embeddings
+    of the videos seen and a fixed ``reference`` set ``(M, D)`` (e.g. the training split), in the re-ID space.
+
+    ``update(index, embedding)`` with one embedding per video ``(N, D)`` (e.g. the mean over its frames).
+    ``compute()`` → ``{"density", "prdc_coverage", "fd"}``, float64 scalars.
+    """
+
+    higher_is_better = None
+
+    def __init__(self, reference: torch.Tensor, k: int = 5, **kwargs) -> None:
+        super().__init__(keys=("embedding",), **kwargs)
+        if reference.ndim != 2 or len(reference) <= k:
+            raise ValueError(f"reference must be (M, D) with M > k={k}, got {tuple(reference.shape)}")
+        self.k = k
+        self.register_buffer("reference", reference.detach().clone(), persistent=False)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        embedding = super().compute()["embedding"]
+        prdc = density_and_coverage(self.reference, embedding, self.k)
+        return {"density": prdc["density"], "prdc_coverage": prdc["coverage"],
+                "fd": frechet_distance(self.reference, embedding)}
+
+
+class MeanPerVideo(IndexedCat):
+    """Mean of one value per video (e.g. temporal identity consistency), each video once across ranks.
+
+    ``update(index, value)`` with ``value (N,)``; ``compute()`` → float64 scalar.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(keys=("value",), **kwargs)
+
+    def compute(self) -> torch.Tensor:
+        return super().compute()["value"].double().mean()
