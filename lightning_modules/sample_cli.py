@@ -108,8 +108,9 @@ def read_back(rows: list[dict], args: argparse.Namespace) -> None:
     for row in rows:
         video = row["pixels"]  # (T, C, H, W) in [-1, 1]
         if args.ef_size and video.shape[-1] != args.ef_size:
+            # As the DataModule resizes the regressor's training clips.
             video = F.interpolate(video, size=(args.ef_size, args.ef_size), mode="bilinear", antialias=True,
-                                  align_corners=False)
+                                  align_corners=False).clamp_(-1.0, 1.0)
         clip_length = int(regressor.train_clip_length) or len(video)
         row["ReadEF"] = round(float(regressor.predict_video_ef(video, clip_length)), 3)
     requested = torch.tensor([row["RequestedEF"] for row in rows])
