@@ -14,6 +14,21 @@ import pytest
 
 from datamodules.video_io import write_video
 
+
+def save_cli_checkpoint(module, path: Path) -> Path:
+    """Save ``module`` as ``echo-lvdm fit`` would: weights, its own extra state (``on_save_checkpoint``: EMA, …) and
+    hyperparameters with the class path LightningCLI records, so ``validate/test --ckpt_path`` can rebuild it."""
+    import lightning as L
+    import torch
+
+    checkpoint = {"state_dict": module.state_dict(), "pytorch-lightning_version": L.__version__,
+                  "hyper_parameters": {**module.hparams,
+                                       "_class_path": f"{type(module).__module__}.{type(module).__qualname__}"}}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return Path(path)
+
+
 FILELIST_COLUMNS = ["FileName", "EF", "ESV", "EDV", "FrameHeight", "FrameWidth", "FPS", "NumberOfFrames", "Split",
                     "PatientID"]
 

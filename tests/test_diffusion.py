@@ -16,6 +16,7 @@ from datamodules.datamodule import EchoNetDataModule
 from lightning_modules.diffusion import VideoDiffusionModule
 from lightning_modules.diffusion_sampling import blend_windows, denoising_loop, make_sampler, window_starts
 from lightning_modules.vae import VAEModule
+from tests.conftest import save_cli_checkpoint
 from tests.test_latent_cache import TINY_VAE
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=32, cross_attention_dim=32,
@@ -304,11 +305,7 @@ def test_ddp_validation_loss_equals_one_process(tmp_path):
         vae, datamodule=EchoNetDataModule(root, sampling="video", batch_size=1, predict_split="all", size=16),
         return_predictions=False)
     module = trained_shape(VideoDiffusionModule(**TINY), frames=4)
-    checkpoint = tmp_path / "lvdm.ckpt"  # as `echo-lvdm fit` writes it: LightningCLI records the class path
-    torch.save({"state_dict": module.state_dict(), "pytorch-lightning_version": L.__version__, "ema":
-                module.ema.state_dict(), "hyper_parameters": {**module.hparams, "_class_path":
-                                                              "lightning_modules.diffusion.VideoDiffusionModule"}},
-               checkpoint)
+    checkpoint = save_cli_checkpoint(module, tmp_path / "lvdm.ckpt")
     config = tmp_path / "validate.yaml"
     config.write_text("model:\n  class_path: lightning_modules.diffusion.VideoDiffusionModule\n"
                       "trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.CSVLogger\n"

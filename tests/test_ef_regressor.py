@@ -21,7 +21,7 @@ from lightning_modules.cli import main
 from lightning_modules.components.ef_metrics import EFRegressionMetrics
 from lightning_modules.components.r2plus1d import R2Plus1D, load_torchvision_weights
 from lightning_modules.ef_regressor import EFRegressorModule
-from tests.conftest import make_counter_folder, write_filelist
+from tests.conftest import make_counter_folder, save_cli_checkpoint, write_filelist
 from tests.test_cli import REPO, run_cli
 
 # Two stages of one block (8 and 16 channels): a few epochs fit in the test budget on a CPU.
@@ -211,10 +211,7 @@ def test_ddp_test_counts_every_video_once(tmp_path):
     module = EFRegressorModule(**TINY)
     with torch.no_grad():
         module.network.fc.weight.normal_(0.0, 5.0)  # predictions that differ from video to video
-    checkpoint = tmp_path / "ef.ckpt"  # as `echo-lvdm fit` writes it: LightningCLI records the class path
-    class_path = "lightning_modules.ef_regressor.EFRegressorModule"
-    torch.save({"state_dict": module.state_dict(), "pytorch-lightning_version": L.__version__,
-                "hyper_parameters": {**module.hparams, "_class_path": class_path}}, checkpoint)
+    checkpoint = save_cli_checkpoint(module, tmp_path / "ef.ckpt")
     result = run_cli(
         "test", "--config", str(REPO / "configs/ef_pixel_quickstart.yaml"), "--data.root", str(folder),
         "--data.size", "16", "--data.clip_length", "4", "--data.batch_size", "1", "--data.num_workers", "0",

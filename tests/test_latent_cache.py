@@ -18,7 +18,7 @@ from datamodules.filelist import DataValidationError
 from datamodules.latents import entry_path, read_frames, read_meta
 from lightning_modules.vae import VAEModule
 from lightning_modules.vae_utils import checksum_of_weights
-from tests.conftest import kill_when
+from tests.conftest import kill_when, save_cli_checkpoint
 
 TINY_VAE = dict(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
                 sample_size=32)
@@ -143,9 +143,7 @@ def test_killed_encode_leaves_no_partial_entry_and_resumes(small_phantom, tmp_pa
     """SIGKILL the real CLI mid-encode: every entry under its final name is whole, and a re-run encodes the rest."""
     torch.manual_seed(0)
     slow = VAEModule(block_out_channels=(64, 128), layers_per_block=2, norm_num_groups=32, sample_size=32)
-    checkpoint = tmp_path / "vae.ckpt"  # as `echo-lvdm fit` writes it: LightningCLI records the class path
-    torch.save({"state_dict": slow.state_dict(), "pytorch-lightning_version": L.__version__,
-                "hyper_parameters": {**slow.hparams, "_class_path": "lightning_modules.vae.VAEModule"}}, checkpoint)
+    checkpoint = save_cli_checkpoint(slow, tmp_path / "vae.ckpt")
     cache = tmp_path / "latents"
     repo = Path(__file__).resolve().parents[1]
     command = [str(Path(sys.executable).with_name("echo-lvdm")), "predict", "--config",
@@ -174,9 +172,7 @@ def test_ddp_encode_shards_without_duplicates_or_losses(small_phantom, tmp_path)
     """Two CPU processes through the real CLI: the per-rank counts add up to the video count and every entry exists."""
     torch.manual_seed(0)
     vae = VAEModule(**TINY_VAE)
-    checkpoint = tmp_path / "vae.ckpt"
-    torch.save({"state_dict": vae.state_dict(), "pytorch-lightning_version": L.__version__,
-                "hyper_parameters": {**vae.hparams, "_class_path": "lightning_modules.vae.VAEModule"}}, checkpoint)
+    checkpoint = save_cli_checkpoint(vae, tmp_path / "vae.ckpt")
     cache = tmp_path / "latents"
     repo = Path(__file__).resolve().parents[1]
     result = subprocess.run(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import logging
 
-import lightning as L
 import pytest
 import torch
 
@@ -15,13 +14,8 @@ from datamodules.video_io import probe_video
 from lightning_modules.cli import main
 from lightning_modules.diffusion import VideoDiffusionModule
 from lightning_modules.ef_regressor import EFRegressorModule
+from tests.conftest import save_cli_checkpoint
 from tests.test_video_logging import FRAMES, LATENT, PIXELS, TINY, vae_folder  # noqa: F401  (fixture)
-
-
-def save_checkpoint(module: L.LightningModule, path, class_path: str, **extra) -> None:
-    """A checkpoint as ``echo-lvdm fit`` writes it (LightningCLI records the class path)."""
-    torch.save({"state_dict": module.state_dict(), "pytorch-lightning_version": L.__version__,
-                "hyper_parameters": {**module.hparams, "_class_path": class_path}, **extra}, path)
 
 
 def test_sample_writes_videos_and_reads_ef_back(vae_folder, tmp_path, caplog):  # noqa: F811
@@ -30,15 +24,14 @@ def test_sample_writes_videos_and_reads_ef_back(vae_folder, tmp_path, caplog):  
     diffusion.train_num_frames.fill_(FRAMES)
     diffusion.train_fps.fill_(12.5)
     diffusion.latent_shape.copy_(torch.tensor([4, LATENT, LATENT]))
-    save_checkpoint(diffusion, tmp_path / "lvdm.ckpt", "lightning_modules.diffusion.VideoDiffusionModule",
-                    ema=diffusion.ema.state_dict())
+    save_cli_checkpoint(diffusion, tmp_path / "lvdm.ckpt")
     regressor = EFRegressorModule(layers=[1, 1], width=8, stem_kernel=3, spatial_strides=[1, 2],
                                   temporal_strides=[1, 2])
     with torch.no_grad():
         regressor.network.fc.weight.normal_(0.0, 20.0)  # EFs that differ from video to video
         regressor.network.fc.bias.fill_(50.0)
     regressor.train_clip_length.fill_(FRAMES)
-    save_checkpoint(regressor, tmp_path / "ef.ckpt", "lightning_modules.ef_regressor.EFRegressorModule")
+    save_cli_checkpoint(regressor, tmp_path / "ef.ckpt")
 
     out = tmp_path / "samples"
     with caplog.at_level(logging.INFO):
@@ -71,9 +64,8 @@ def test_sample_takes_reference_frames_from_the_anatomy_model(vae_folder, tmp_pa
         module.train_num_frames.fill_(frames)
         module.train_fps.fill_(12.5)
         module.latent_shape.copy_(torch.tensor([4, LATENT, LATENT]))
-    class_path = "lightning_modules.diffusion.VideoDiffusionModule"
-    save_checkpoint(diffusion, tmp_path / "lvdm.ckpt", class_path, ema=diffusion.ema.state_dict())
-    save_checkpoint(anatomy, tmp_path / "lidm.ckpt", class_path, ema=anatomy.ema.state_dict())
+    save_cli_checkpoint(diffusion, tmp_path / "lvdm.ckpt")
+    save_cli_checkpoint(anatomy, tmp_path / "lidm.ckpt")
     out = tmp_path / "samples"
     assert main(["sample", "--checkpoint", str(tmp_path / "lvdm.ckpt"), "--vae", str(vae_folder), "--anatomy",
                  str(tmp_path / "lidm.ckpt"), "--ef", "30", "70", "--steps", "2", "--seed", "1", "--out", str(out)]) == 0
@@ -91,6 +83,6 @@ def test_sample_takes_reference_frames_from_the_anatomy_model(vae_folder, tmp_pa
 
 def test_sample_refuses_an_anatomy_model_as_video_model(vae_folder, tmp_path):  # noqa: F811
     anatomy = VideoDiffusionModule(**TINY, mode="image", reference_conditioning=False)
-    save_checkpoint(anatomy, tmp_path / "lidm.ckpt", "lightning_modules.diffusion.VideoDiffusionModule")
+    save_cli_checkpoint(anatomy, tmp_path / "lidm.ckpt")
     assert main(["sample", "--checkpoint", str(tmp_path / "lidm.ckpt"), "--vae", str(vae_folder), "--ef", "50",
                  "--out", str(tmp_path / "out")]) == 1
