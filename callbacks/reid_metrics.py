@@ -17,7 +17,10 @@ class CoverageMetric(IndexedCat):
 
     ``update(index, score, match)``: each video's best re-ID score ``(N,)`` over the bank and the bank video that
     gives it ``(N,)`` (:meth:`~lightning_modules.reid.ReIDModule.video_search`). ``compute()`` →
-    ``{"coverage", "memorization_rate"}`` (memorisation: score > ``tau``), float64 scalars.
+    ``{"coverage", "memorization_rate", "memorized_coverage"}`` (memorisation: score > ``tau``; memorised coverage:
+    the share of the bank's videos that some video matches above ``tau``, i.e. the training videos reproduced),
+    float64 scalars, plus the per-video
+    ``"index"``, ``"score"`` and ``"match"`` they come from (each video once, sorted by index).
     """
 
     higher_is_better = None
@@ -28,8 +31,11 @@ class CoverageMetric(IndexedCat):
 
     def compute(self) -> dict[str, torch.Tensor]:
         values = super().compute()
+        memorised = values["score"].double() > self.tau
         return {"coverage": coverage_fraction(values["match"], self.bank_size),
-                "memorization_rate": memorization_rate(values["score"], self.tau)}
+                "memorization_rate": memorization_rate(values["score"], self.tau),
+                "memorized_coverage": torch.tensor(torch.unique(values["match"][memorised]).numel() / self.bank_size,
+                                                   dtype=torch.float64), **values}
 
 
 class EmbeddingDistributionMetrics(IndexedCat):

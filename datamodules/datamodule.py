@@ -53,7 +53,7 @@ class EchoNetDataModule(L.LightningDataModule):
             function of (seed, epoch) only, so a run resumed with ``--ckpt_path`` sees what an uninterrupted one would.
         group_by_patient: training batches hold a patient's videos together (shuffled patients, then their videos),
             so a frame model finds positive pairs across videos of one patient inside a batch (re-identification).
-        predict_split: the split ``predict`` iterates.
+        predict_split: the split ``predict`` iterates; ``"all"``: every row, of whichever splits the FileList has.
     """
 
     def __init__(
@@ -113,12 +113,14 @@ class EchoNetDataModule(L.LightningDataModule):
             raise ValueError(f"no dataset folder for the {split} split: set data.root or data.{split}_root")
         return root
 
-    def _build(self, split: Split) -> EchoNetVideoDataset:
+    def _build(self, split: Split, allow_empty: bool = False) -> EchoNetVideoDataset | None:
         hp = self.hparams
         # In latent space the videos are not decoded: lengths and frame rates come from the cache.
         table = read_split(self.root_for(split), split, verify=hp.verify if hp.space == "pixel" else "none")
         self.skipped[split] = table.skipped
         if not table.records and not table.skipped:
+            if allow_empty:
+                return None
             labels = "/".join(SPLITS)
             raise DataValidationError(f"{table.root / 'FileList.csv'}: no row has Split={split.upper()} (expected {labels})")
         options = dict(sampling=hp.sampling, clip_length=hp.clip_length, period=hp.period if hp.fps is None else None,
@@ -146,17 +148,22 @@ class EchoNetDataModule(L.LightningDataModule):
             splits = ("train", "val", "test") if split == "all" else (split,)
         else:
             splits = _STAGE_SPLITS.get(stage, ("train", "val", "test"))
+        every_row = stage == "predict" and self.hparams.predict_split == "all"  # a folder may hold one split only
         wanted = [split for split in splits if split not in self.datasets]
-        built = {split: self._build(split) for split in wanted}
+        built = {split: self._build(split, allow_empty=every_row) for split in wanted}
+        built = {split: dataset for split, dataset in built.items() if dataset is not None}
+        if every_row and not built and not any(split in self.datasets for split in splits):
+            raise DataValidationError(f"{self.hparams.root}/FileList.csv: no row has a Split of "
+                                      f"{'/'.join(SPLITS)}")
         bad = [entry for split in wanted for entry in self.skipped[split]]
-        total = sum(len(built[split]) for split in wanted) + len(bad)
+        total = sum(len(dataset) for dataset in built.values()) + len(bad)
         report_bad(bad, self.hparams.on_bad, total=total)
         for split, dataset in built.items():
             if len(dataset) == 0:
                 raise DataValidationError(f"{self.root_for(split) / 'FileList.csv'}: every {split} row was skipped")
         self.datasets.update(built)
-        if stage == "predict" and self.hparams.predict_split == "all":
-            parts = [self.datasets[split] for split in ("train", "val", "test")]
+        if every_row:
+            parts = [self.datasets[split] for split in ("train", "val", "test") if split in self.datasets]
             self.datasets["all"] = parts[0].with_records([record for part in parts for record in part.records])
 
     def _loader(self, split: Split, train: bool = False, sampler: Sampler | None = None) -> DataLoader:

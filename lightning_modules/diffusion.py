@@ -285,7 +285,7 @@ class VideoDiffusionModule(L.LightningModule):
         steps: int | None = None,
         scheduler: str | None = None,
         guidance_scale: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         *,
         batch_size: int | None = None,
         fps: float | None = None,
@@ -301,7 +301,9 @@ class VideoDiffusionModule(L.LightningModule):
         clip length) is generated in windows ``window − overlap`` apart (default overlap: half a window) whose
         predictions are blended at every step (:func:`~lightning_modules.diffusion_sampling.blend_windows`).
         ``guidance_scale`` g: ``u + g (c − u)`` with u the null-EF prediction (also without reference when
-        ``guide_reference``); 1 = no guidance. Runs in eval mode with EMA weights; the previous state is restored.
+        ``guide_reference``); 1 = no guidance. ``generator``: one for the batch, or a list with one per sample (each
+        video's noise then depends on its own generator only, whatever else is in the batch). Runs in eval mode with
+        EMA weights; the previous state is restored.
         """
         hp = self.hparams
         steps, guidance = steps or hp.sampling_steps, hp.guidance_scale if guidance_scale is None else guidance_scale

@@ -71,11 +71,13 @@ def blend_windows(denoise: Callable[[torch.Tensor], torch.Tensor], latents: torc
 
 
 def denoising_loop(sampler: SchedulerMixin, model_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                   shape: tuple[int, ...], steps: int, *, generator: torch.Generator | None = None,
+                   shape: tuple[int, ...], steps: int, *,
+                   generator: torch.Generator | list[torch.Generator] | None = None,
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Run ``sampler`` for ``steps`` steps from Gaussian noise of ``shape``: the standard diffusers loop
     (``init_noise_sigma``, ``scale_model_input``, ``step``); ``model_output(x, t)`` is the network's prediction in the
-    sampler's ``prediction_type``. Noise comes from ``generator`` (reproducible on any device)."""
+    sampler's ``prediction_type``. Noise comes from ``generator`` (reproducible on any device; a list gives each batch
+    item its own)."""
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
     sampler.set_timesteps(steps, device=device)

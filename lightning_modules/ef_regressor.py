@@ -152,6 +152,18 @@ class EFRegressorModule(L.LightningModule):
         predictions = [self.predict_ef(video[rows.to(video.device)], chunk) for rows in clips.split(chunk)]
         return torch.cat(predictions).mean()
 
+    def read_ef(self, videos: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """The EF this regressor reads from whole videos ``(B, T, C, H, W)`` (e.g. generated ones): each frame resized
+        to ``size`` × ``size`` when given (bilinear with antialias, then clamped to [-1, 1], as the DataModule resizes
+        the training clips), then :meth:`predict_video_ef` over clips of the training length. float32 ``(B,)``."""
+        if size is not None and videos.shape[-1] != size:
+            videos = F.interpolate(videos.flatten(0, 1), size=(size, size), mode="bilinear", antialias=True,
+                                   align_corners=False).clamp_(-1.0, 1.0).unflatten(0, videos.shape[:2])
+        clip_length = int(self.train_clip_length) or videos.shape[1]
+        if len(videos) == 0:
+            return videos.new_zeros(0)
+        return torch.stack([self.predict_video_ef(video, clip_length) for video in videos]).float()
+
     # ---------------------------------------------------------------------------------------------- training
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         video, target = batch["video"], batch["ef"].float()

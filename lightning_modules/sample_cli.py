@@ -99,20 +99,13 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def read_back(rows: list[dict], args: argparse.Namespace) -> None:
     """Add ``ReadEF`` to each row (the regressor's EF of its decoded video); log R² and MAE against RequestedEF."""
-    import torch.nn.functional as F
     from torchmetrics.functional import mean_absolute_error, r2_score
 
     from lightning_modules.ef_regressor import EFRegressorModule
 
     regressor = EFRegressorModule.load_from_checkpoint(args.ef_regressor, map_location="cpu", weights_only=True)
     for row in rows:
-        video = row["pixels"]  # (T, C, H, W) in [-1, 1]
-        if args.ef_size and video.shape[-1] != args.ef_size:
-            # As the DataModule resizes the regressor's training clips.
-            video = F.interpolate(video, size=(args.ef_size, args.ef_size), mode="bilinear", antialias=True,
-                                  align_corners=False).clamp_(-1.0, 1.0)
-        clip_length = int(regressor.train_clip_length) or len(video)
-        row["ReadEF"] = round(float(regressor.predict_video_ef(video, clip_length)), 3)
+        row["ReadEF"] = round(float(regressor.read_ef(row["pixels"][None], args.ef_size)[0]), 3)
     requested = torch.tensor([row["RequestedEF"] for row in rows])
     read = torch.tensor([row["ReadEF"] for row in rows])
     log.info("sample: EF read back by %s: R² %.3f, MAE %.2f (requested vs read, %d videos)", args.ef_regressor,

@@ -1,0 +1,209 @@
+"""``echo-lvdm evaluate``: the coverage, privacy and faithfulness measures of any synthetic folder in EchoNet layout
+against a real one — e.g. a published synthetic dataset against EchoNet-Dynamic — with the same code the
+:class:`~callbacks.coverage.CoverageCallback` runs during training.
+
+The real folder's ``TRAIN`` videos are the bank R, its held-out split (``--heldout``, default ``TEST``) the reference
+H, and every video of the synthetic folder is S (its FileList ``EF`` is the requested EF). A latent re-ID model
+(4 input channels) sees frames encoded by the VAE given with ``--vae`` (posterior mean × scaling factor, as the latent
+cache stores them), real and synthetic alike. Writes to ``--out``: ``metrics.json``, ``synthetic_scores.csv`` (each
+synthetic video's best score, its best-matching training video and whether the privacy filter would drop it),
+``report.md`` and ``figures/*.png``. Everything is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--real", type=Path, required=True, help="real EchoNet-layout folder (TRAIN = the bank)")
+    parser.add_argument("--synthetic", type=Path, required=True, help="synthetic EchoNet-layout folder (all rows)")
+    parser.add_argument("--reid", type=Path, required=True, help="calibrated ReIDModule checkpoint")
+    parser.add_argument("--ef", type=Path, help="EFRegressorModule checkpoint: EF faithfulness of the synthetic set")
+    parser.add_argument("--vae", type=Path, help="exported VAE folder; needed by a latent re-ID or EF model")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--heldout", default="TEST", choices=["VAL", "TEST"], help="real split used as reference")
+    parser.add_argument("--size", type=int, help="resize frames to this before the VAE or a pixel re-ID")
+    parser.add_argument("--clip-length", type=int, default=16, help="frames per video that are compared")
+    parser.add_argument("--period", type=int, default=1, help="take every n-th frame")
+    parser.add_argument("--ef-size", type=int, help="frame size the EF regressor was trained on")
+    parser.add_argument("--k", type=int, default=5, help="neighbours of density and PRDC coverage")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=4, help="memorised pairs shown in the report")
+    parser.add_argument("--cache-dir", type=Path, help="embedding cache (default: <out>/reid_cache)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+class EncodedReID(nn.Module):
+    """A re-ID model that sees pixel videos through the VAE encoder when it works in latent space — the interface
+    :func:`~lightning_modules.reid_embeddings.embed_split` needs (``embed_videos``, ``weights_checksum``)."""
+
+    def __init__(self, reid, vae=None) -> None:
+        super().__init__()
+        self.reid, self.vae = reid, vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.reid.device
+
+    def latents(self, video: torch.Tensor) -> torch.Tensor:
+        """Pixel videos ``(B, T, C, H, W)`` → scaled latents (the VAE's posterior mean × its scaling factor)."""
+        frames = video.flatten(0, 1).to(self.vae.device, self.vae.dtype)
+        mean = torch.cat([self.vae.encode(chunk).latent_dist.mean for chunk in frames.split(32)])
+        return (mean * float(self.vae.config.scaling_factor)).float().unflatten(0, video.shape[:2])
+
+    def embed_videos(self, video: torch.Tensor) -> torch.Tensor:
+        if self.vae is not None:
+            video = self.latents(video)
+        return self.reid.embed_videos(video.to(self.reid.device, self.reid.dtype))
+
+    def weights_checksum(self) -> str:
+        from lightning_modules.vae_utils import checksum_of_weights
+
+        vae = "" if self.vae is None else checksum_of_weights(self.vae) + f"@{float(self.vae.config.scaling_factor)}"
+        return f"{self.reid.weights_checksum()}+{vae}"
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from callbacks.coverage import CoverageMeasures
+    from callbacks.video_logging import load_frozen_vae
+    from datamodules.datamodule import EchoNetDataModule
+    from lightning_modules.reid import NotCalibratedError, load_reid
+    from lightning_modules.reid_embeddings import embed_split
+
+    reid = load_reid(args.reid, map_location=args.device)
+    if not reid.calibrated:
+        raise NotCalibratedError(f"evaluate: {args.reid} has no privacy threshold τ; calibrate it first "
+                                 "(`echo-lvdm validate --config <reid config> --ckpt_path <ckpt>`)")
+    latent_reid = reid.hparams.in_channels == 4
+    regressor = None
+    if args.ef is not None:
+        from lightning_modules.ef_regressor import EFRegressorModule
+
+        regressor = EFRegressorModule.load_from_checkpoint(args.ef, map_location=args.device, weights_only=True)
+        regressor.eval().requires_grad_(False)
+    latent_ef = regressor is not None and regressor.hparams.in_channels == 4
+    if (latent_reid or latent_ef) and args.vae is None:
+        raise ValueError(f"evaluate: {'the re-ID model' if latent_reid else 'the EF regressor'} works in latent space; "
+                         "give --vae <exported VAE folder> to encode the videos")
+    vae = load_frozen_vae(args.vae).to(args.device) if args.vae is not None else None
+    model = EncodedReID(reid, vae if latent_reid else None)
+    channels = int(vae.config.in_channels) if latent_reid else int(reid.hparams.in_channels)
+    options = dict(sampling="clip", clip_length=args.clip_length, period=args.period, pad="reflect",
+                   channels=channels, size=args.size, batch_size=args.batch_size, num_workers=0)
+    real = EchoNetDataModule(args.real, **options)
+    synthetic = EchoNetDataModule(args.synthetic, predict_split="all", **options)
+    cache = args.cache_dir or args.out / "reid_cache"
+    bank = embed_split(model, real, "train", cache_dir=cache)
+    heldout = embed_split(model, real, args.heldout.lower(), cache_dir=cache)
+    log.info("evaluate: bank %d training videos, reference %d %s videos", len(bank), len(heldout), args.heldout)
+
+    measures = CoverageMeasures(reid, bank, ef=regressor is not None, k=args.k).to(args.device)
+    measures.update_reference(heldout.index, heldout.embedding)
+    synthetic.setup("predict")
+    with torch.no_grad():
+        for batch in synthetic.predict_dataloader():
+            video = batch["video"].to(args.device)
+            read = None
+            if regressor is not None:
+                read = regressor.read_ef(model.latents(video) if latent_ef else video, args.ef_size)
+            measures.update_synthetic(batch["index"].to(args.device), model.embed_videos(video),
+                                      batch["ef"].to(args.device), read)
+    result = measures.compute()
+    if result is None:
+        raise ValueError(f"evaluate: {args.synthetic} has no videos")
+    values, details = result
+    write_outputs(args, values, details, real, synthetic, float(reid.tau))
+    log.info("evaluate: " + ", ".join(f"{name} {float(value):.4g}" for name, value in values.items()))
+    return 0
+
+
+def write_outputs(args: argparse.Namespace, values: dict, details: dict, real, synthetic, tau: float) -> None:
+    from callbacks.coverage_figures import ef_scatter, hit_count_plot, image_pairs, score_histogram
+    from callbacks.image_logging import to_uint8
+    from datamodules.video_io import atomic_output
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_set, synthetic_set = real.datasets["train"], synthetic.datasets["all"]
+    names = [record.file_name for record in synthetic_set.records]
+    train_names = [record.file_name for record in train_set.records]
+    index, score, match = (details[f"synthetic_{key}"].cpu() for key in ("index", "score", "match"))
+    rows = [{"FileName": names[i], "BestScore": round(float(s), 6), "BestMatch": train_names[m],
+             "Memorised": bool(s > tau)} for i, s, m in zip(index.tolist(), score.tolist(), match.tolist())]
+    if "ef_read" in details:
+        for row, requested, read in zip(rows, details["ef_requested"].tolist(), details["ef_read"].tolist()):
+            row.update(RequestedEF=round(requested, 3), ReadEF=round(read, 3))
+    with atomic_output(args.out / "synthetic_scores.csv") as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    figures = {"scores": score_histogram({"synthetic": score, f"real {args.heldout}": details["reference_score"]},
+                                         tau),
+               "hits": hit_count_plot(details["hits"])}
+    if "ef_read" in details:
+        figures["ef"] = ef_scatter(details["ef_requested"], details["ef_read"], r2=float(values["ef_r2"]),
+                                   mae=float(values["ef_mae"]))
+    top = torch.argsort(score, descending=True)[:args.pairs].tolist()
+    if top:
+        def first_frame(dataset, row: int) -> np.ndarray:
+            frame = to_uint8(dataset[row]["video"][0]).numpy()
+            return frame[0] if frame.shape[0] == 1 else frame.transpose(1, 2, 0)
+
+        figures["pairs"] = image_pairs([(first_frame(synthetic_set, int(index[i])), first_frame(train_set, int(match[i])),
+                                         f"{names[int(index[i])]} s={float(score[i]):.3g}") for i in top])
+    (args.out / "figures").mkdir(exist_ok=True)
+    from PIL import Image
+
+    for name, image in figures.items():
+        with atomic_output(args.out / "figures" / f"{name}.png") as tmp:
+            Image.fromarray(image).save(tmp, format="PNG")
+
+    summary = {name: float(value) for name, value in values.items()}
+    summary.update(tau=tau, synthetic_videos=len(rows), training_videos=len(train_set),
+                   reference_videos=int(len(details.get("reference_index", []))),
+                   memorised_videos=[row["FileName"] for row in rows if row["Memorised"]],
+                   real=str(args.real), synthetic=str(args.synthetic), reid=str(args.reid),
+                   ef=None if args.ef is None else str(args.ef))
+    with atomic_output(args.out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_output(args.out / "report.md") as tmp:
+        tmp.write_text(report(summary, list(figures), args))
+
+
+def report(summary: dict, figures: list[str], args: argparse.Namespace) -> str:
+    """The Markdown report: the numbers, what they mean, the figures."""
+    lines = [f"# Coverage report: {args.synthetic}", "",
+             f"Real data {args.real} ({summary['training_videos']} training videos, {summary['reference_videos']} "
+             f"{args.heldout} videos as reference); {summary['synthetic_videos']} synthetic videos; re-ID "
+             f"{args.reid}, τ = {summary['tau']:.4g}.", "", "| measure | value | meaning |", "|---|---|---|"]
+    meanings = {
+        "coverage": "distinct best-matching training videos / min(|R|, |S|) (seed paper's 'learned')",
+        "reference_coverage": "the same for held-out real videos",
+        "relative_coverage": "coverage / reference coverage",
+        "memorization_rate": "share of synthetic videos scoring above τ (the privacy filter drops them)",
+        "memorized_coverage": "share of training videos reproduced above τ",
+        "ef_r2": "R² of requested vs read EF", "ef_mae": "MAE of requested vs read EF (points)",
+        "density": "Naeem et al. density (re-ID space)", "prdc_coverage": "Naeem et al. coverage (re-ID space)",
+        "fd_reid": "Fréchet distance to the training set (re-ID space)",
+        "temporal_consistency": "mean re-ID similarity of frame 0 with the later frames"}
+    lines += [f"| {name} | {summary[name]:.4g} | {text} |" for name, text in meanings.items() if name in summary]
+    lines += ["", f"Memorised videos ({len(summary['memorised_videos'])}): "
+              + (", ".join(summary["memorised_videos"][:20]) or "none")
+              + (" …" if len(summary["memorised_videos"]) > 20 else ""), "",
+              "Per-video scores: `synthetic_scores.csv`.", ""]
+    captions = {"scores": "Best re-ID score against the training set, synthetic vs held-out real, τ dashed",
+                "ef": "EF requested vs read by the regressor", "hits": "How often each training video is the best "
+                "match (the long tail)", "pairs": "The highest-scoring synthetic videos beside their training match"}
+    lines += [f"## {captions[name]}\n\n![{name}](figures/{name}.png)\n" for name in figures]
+    return "\n".join(lines)
