@@ -11,16 +11,19 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
 from datamodules.datamodule import EchoNetDataModule
 from lightning_modules.cli import main
+from lightning_modules.ef_regressor import EFRegressorModule
 from lightning_modules.evaluate_cli import EncodedReID
 from lightning_modules.reid_embeddings import embed_split
 from tests.conftest import save_cli_checkpoint, write_filelist
 from tests.test_coverage_callback import distance_reid
+from tests.test_ef_regressor import TINY as TINY_EF
 
 SIZE, CLIP = 32, 16
 
@@ -57,7 +60,11 @@ def planted(tmp_path_factory) -> SimpleNamespace:
     reid.tau.fill_(float(best.max()))
     reid.tau_quantile.fill_(1.0)
     train = [row for row in read_filelist(real) if row["Split"] == "TRAIN"]
-    return SimpleNamespace(out=out, real=real, new=new, train=train, reid=save_cli_checkpoint(reid, out / "reid.ckpt"))
+    regressor = EFRegressorModule(in_channels=1, **TINY_EF)
+    with torch.no_grad():
+        regressor.network.fc.bias.fill_(50.0)
+    return SimpleNamespace(out=out, real=real, new=new, train=train, reid=save_cli_checkpoint(reid, out / "reid.ckpt"),
+                           ef=save_cli_checkpoint(regressor, out / "ef.ckpt"))
 
 
 def synthetic_folder(root: Path, copies: list[tuple[Path, dict]]) -> Path:
@@ -72,10 +79,10 @@ def synthetic_folder(root: Path, copies: list[tuple[Path, dict]]) -> Path:
     return root
 
 
-def evaluate(planted: SimpleNamespace, synthetic: Path, out: Path) -> dict:
+def evaluate(planted: SimpleNamespace, synthetic: Path, out: Path, *extra: str) -> dict:
     code = main(["evaluate", "--real", str(planted.real), "--synthetic", str(synthetic), "--reid", str(planted.reid),
                  "--vae", str(planted.out / "vae"), "--out", str(out), "--clip-length", str(CLIP), "--k", "3",
-                 "--cache-dir", str(planted.out / "cache")])
+                 "--cache-dir", str(planted.out / "cache"), *extra])
     assert code == 0
     return json.loads((out / "metrics.json").read_text())
 
@@ -83,7 +90,8 @@ def evaluate(planted: SimpleNamespace, synthetic: Path, out: Path) -> dict:
 def test_planted_copies_are_the_memorised_ones(planted, tmp_path):
     copied = planted.train[:6]  # 30 % of the 20 training videos, plus 14 new patients
     sources = [(planted.real, row) for row in copied] + [(planted.new, row) for row in read_filelist(planted.new)]
-    metrics = evaluate(planted, synthetic_folder(tmp_path / "synthetic", sources), tmp_path / "report")
+    metrics = evaluate(planted, synthetic_folder(tmp_path / "synthetic", sources), tmp_path / "report",
+                       "--ef", str(planted.ef))
     assert metrics["synthetic_videos"] == 20 and metrics["training_videos"] == 20
     assert metrics["memorization_rate"] == pytest.approx(6 / 20, abs=0.02)
     assert metrics["memorized_coverage"] == pytest.approx(0.30, abs=0.02)
@@ -92,9 +100,16 @@ def test_planted_copies_are_the_memorised_ones(planted, tmp_path):
     # Each copy's best match is the training video it was copied from.
     assert [row["BestMatch"] for row in rows[:6]] == [row["FileName"] for row in copied]
     assert all(row["Memorised"] == "False" for row in rows[6:])
+    # EF faithfulness: the FileList EF requested, the regressor's reading, R² and MAE as numpy computes them.
+    requested = np.array([float(row["EF"]) for _, row in sources])
+    read = np.array([float(row["ReadEF"]) for row in rows])
+    assert [float(row["RequestedEF"]) for row in rows] == pytest.approx(requested.tolist(), abs=1e-3)
+    assert metrics["ef_mae"] == pytest.approx(np.abs(read - requested).mean(), abs=1e-3)
+    r2 = 1 - ((read - requested) ** 2).sum() / ((requested - requested.mean()) ** 2).sum()
+    assert metrics["ef_r2"] == pytest.approx(r2, abs=1e-3)
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| memorization_rate | 0.3 |" in report
-    for figure in ("scores", "hits", "pairs"):
+    for figure in ("scores", "hits", "pairs", "ef"):
         assert f"figures/{figure}.png" in report and (tmp_path / "report" / "figures" / f"{figure}.png").stat().st_size
 
 
