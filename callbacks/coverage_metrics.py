@@ -12,7 +12,7 @@ import torch
 
 from lightning_modules.reid_search import pair_scores
 
-__all__ = ["coverage_fraction", "memorization_rate", "density_and_coverage", "frechet_distance",
+__all__ = ["coverage_fraction", "memorization_rate", "density_and_coverage", "real_radii", "frechet_distance",
            "temporal_consistency", "hit_counts"]
 
 
@@ -56,21 +56,26 @@ def _kth_neighbour_radii(real: torch.Tensor, k: int, max_elements: int) -> torch
     return radii
 
 
-def density_and_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5, *, max_elements: int = 2**24
-                         ) -> dict[str, torch.Tensor]:
+def density_and_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5, *, max_elements: int = 2**24,
+                         recall: bool = True, real_radii: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Precision, recall, density and coverage of Naeem et al. (2020) for features ``real (N, D)``, ``fake (M, D)``.
 
     Each real point gets the radius to its k-th nearest real neighbour. density = mean over fake points of the number
     of real balls containing them, / k; coverage = fraction of real balls containing at least one fake point;
     precision / recall (Kynkäänniemi et al.) = fraction of fake in any real ball / of real in any fake ball. The same
     quantities as the ``prdc`` package (strict ``<``), computed in float64 blocks of at most ``max_elements`` distances.
+
+    Cost: O(N² + N·M) distances, plus O(M²) for recall alone (the fake points' own radii); ``recall=False`` leaves it
+    out, so the cost grows linearly with M. ``real_radii`` (from :func:`real_radii`) skips the O(N²) part when the
+    real set is fixed.
     """
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1] or len(real) <= k or len(fake) <= k:
         raise ValueError(f"need real (N, D), fake (M, D) with N, M > k={k}, got {tuple(real.shape)}, "
                          f"{tuple(fake.shape)}")
     real, fake = real.double(), fake.double()
-    real_radii = _kth_neighbour_radii(real, k, max_elements)
-    fake_radii = _kth_neighbour_radii(fake, k, max_elements)
+    if real_radii is None:
+        real_radii = _kth_neighbour_radii(real, k, max_elements)
+    fake_radii = _kth_neighbour_radii(fake, k, max_elements) if recall else None
     balls_per_fake = torch.zeros(len(fake), dtype=torch.float64, device=fake.device)
     covered = torch.zeros(len(real), dtype=torch.bool, device=real.device)
     recalled = torch.zeros(len(real), dtype=torch.bool, device=real.device)
@@ -78,9 +83,19 @@ def density_and_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5, *, 
         inside = block < real_radii[start:start + len(block), None]
         balls_per_fake += inside.sum(dim=0)
         covered[start:start + len(block)] = inside.any(dim=1)
-        recalled[start:start + len(block)] = (block < fake_radii[None]).any(dim=1)
-    return {"precision": (balls_per_fake > 0).double().mean(), "recall": recalled.double().mean(),
-            "density": balls_per_fake.mean() / k, "coverage": covered.double().mean()}
+        if recall:
+            recalled[start:start + len(block)] = (block < fake_radii[None]).any(dim=1)
+    result = {"precision": (balls_per_fake > 0).double().mean(), "density": balls_per_fake.mean() / k,
+              "coverage": covered.double().mean()}
+    if recall:
+        result["recall"] = recalled.double().mean()
+    return result
+
+
+def real_radii(real: torch.Tensor, k: int = 5, *, max_elements: int = 2**24) -> torch.Tensor:
+    """Each real point's distance to its k-th nearest other real point, float64 ``(N,)``: the balls of
+    :func:`density_and_coverage`, computed once for a fixed real set."""
+    return _kth_neighbour_radii(real.double(), k, max_elements)
 
 
 def _covariance(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

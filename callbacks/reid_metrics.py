@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from callbacks.coverage_metrics import coverage_fraction, density_and_coverage, frechet_distance, memorization_rate
+from callbacks.coverage_metrics import (
+    coverage_fraction,
+    density_and_coverage,
+    frechet_distance,
+    memorization_rate,
+    real_radii,
+)
 from callbacks.metrics import IndexedCat
 
 
@@ -54,10 +60,14 @@ class EmbeddingDistributionMetrics(IndexedCat):
             raise ValueError(f"reference must be (M, D) with M > k={k}, got {tuple(reference.shape)}")
         self.k = k
         self.register_buffer("reference", reference.detach().clone(), persistent=False)
+        self._radii: torch.Tensor | None = None  # the reference's k-NN radii, computed once
 
     def compute(self) -> dict[str, torch.Tensor]:
         embedding = super().compute()["embedding"]
-        prdc = density_and_coverage(self.reference, embedding, self.k)
+        if self._radii is None or self._radii.device != self.reference.device:
+            self._radii = real_radii(self.reference, self.k)
+        # Recall would need every sample's k-th neighbour among the samples: O(M²), and it is not reported.
+        prdc = density_and_coverage(self.reference, embedding, self.k, recall=False, real_radii=self._radii)
         return {"density": prdc["density"], "prdc_coverage": prdc["coverage"],
                 "fd": frechet_distance(self.reference, embedding)}
 

@@ -15,6 +15,7 @@ from callbacks.coverage_metrics import (
     frechet_distance,
     hit_counts,
     memorization_rate,
+    real_radii,
     temporal_consistency,
 )
 from lightning_modules.reid_search import max_scores
@@ -30,6 +31,13 @@ def test_density_and_coverage_equal_the_prdc_package(max_elements):
     for name in ("precision", "recall", "density", "coverage"):
         assert float(found[name]) == pytest.approx(float(expected[name]), abs=1e-12), name
     assert 0 < float(found["coverage"]) < 1 and float(found["density"]) > 0  # a non-trivial case
+    # Without recall (no fake × fake distances) and with the real radii computed once: the same numbers.
+    radii = real_radii(torch.from_numpy(real), k=5)
+    linear = density_and_coverage(torch.from_numpy(real), torch.from_numpy(fake), k=5, max_elements=max_elements,
+                                  recall=False, real_radii=radii)
+    assert "recall" not in linear
+    for name in ("precision", "density", "coverage"):
+        assert float(linear[name]) == pytest.approx(float(expected[name]), abs=1e-12), name
 
 
 def test_frechet_distance_equals_scipy_sqrtm():
