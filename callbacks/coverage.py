@@ -235,6 +235,9 @@ class CoverageCallback(L.Callback):
         if not self.active:
             return
         if self.bank is None:  # every rank: embed_split gathers the shards
+            if not hasattr(trainer.datamodule, "eval_dataloader"):
+                raise ValueError("CoverageCallback embeds the training split through the run's EchoNetDataModule; "
+                                 "pass the datamodule to the Trainer (not bare dataloaders)")
             self.bank = embed_split(self.reid, trainer.datamodule, "train", cache_dir=self._cache_dir(trainer))
             rank_zero_info(f"CoverageCallback: {len(self.bank)} training videos embedded by {self.reid_path.name}")
         self.measures = CoverageMeasures(self.reid, self.bank, ef=self.regressor is not None, k=self.k)
