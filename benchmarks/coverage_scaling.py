@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
 import resource
 import time
 from types import SimpleNamespace
+
+from nearest_search import in_fresh_process  # benchmarks/ is on sys.path when a script here runs
 
 _PHASES = ("search", "coverage", "prdc_fd")
 
@@ -67,16 +68,6 @@ def run_size(size: int, bank_size: int, dim: int, frames: int, k: int, threads: 
     distribution.compute()
     seconds["prdc_fd"] = time.perf_counter() - start
     result.put((seconds, _peak_mib() - baseline))
-
-
-def in_fresh_process(target, *args):
-    context = multiprocessing.get_context("spawn")
-    result = context.Queue()
-    process = context.Process(target=target, args=(*args, result))
-    process.start()
-    output = result.get()
-    process.join()
-    return output
 
 
 def loglog_slope(sizes: list[int], values: list[float]) -> float:

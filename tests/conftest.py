@@ -91,3 +91,24 @@ def kill_when(process: subprocess.Popen, ready: Callable[[], bool], timeout: flo
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def encode_tiny_latents(root: Path, latent_dir: Path, size: int = 16) -> Path:
+    """Encode every video of ``root`` at ``size`` px with a tiny random VAE (scaling factor 1) into ``latent_dir``:
+    the latent cache a diffusion or latent re-ID test reads (latents 4 × size/2 × size/2)."""
+    import lightning as L
+    import torch
+
+    from callbacks.latent_cache import LatentCacheWriter
+    from datamodules.datamodule import EchoNetDataModule
+    from lightning_modules.vae import VAEModule
+    from tests.test_latent_cache import TINY_VAE
+
+    torch.manual_seed(0)
+    vae = VAEModule(**TINY_VAE)
+    vae.scaling_factor.fill_(1.0)
+    L.Trainer(accelerator="cpu", logger=False, callbacks=[LatentCacheWriter(latent_dir)],
+              enable_progress_bar=False).predict(
+        vae, datamodule=EchoNetDataModule(root, sampling="video", batch_size=1, predict_split="all", size=size),
+        return_predictions=False)
+    return latent_dir

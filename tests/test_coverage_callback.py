@@ -18,16 +18,13 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from callbacks.coverage import METRIC_NAMES, CoverageCallback
-from callbacks.latent_cache import LatentCacheWriter
 from datamodules.datamodule import EchoNetDataModule
 from lightning_modules.diffusion import VideoDiffusionModule
 from lightning_modules.ef_regressor import EFRegressorModule
 from lightning_modules.reid import NotCalibratedError, ReIDModule
-from lightning_modules.vae import VAEModule
-from tests.conftest import save_cli_checkpoint
+from tests.conftest import encode_tiny_latents, save_cli_checkpoint
 from tests.test_diffusion import TINY
 from tests.test_ef_regressor import TINY as TINY_EF
-from tests.test_latent_cache import TINY_VAE
 
 FRAMES, LATENT = 4, 8
 STEPS = 2
@@ -52,13 +49,7 @@ def world(tmp_path_factory) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("coverage")
     root = generate_phantom(out / "data", patients=12, videos_per_patient=1, seed=5, size=32, frames=(20, 24),
                             split_fractions=(0.5, 0.4, 0.1))
-    torch.manual_seed(0)
-    vae = VAEModule(**TINY_VAE)
-    vae.scaling_factor.fill_(1.0)
-    L.Trainer(accelerator="cpu", logger=False, callbacks=[LatentCacheWriter(out / "latents")],
-              enable_progress_bar=False).predict(
-        vae, datamodule=EchoNetDataModule(root, sampling="video", batch_size=1, predict_split="all", size=16),
-        return_predictions=False)
+    encode_tiny_latents(root, out / "latents")
     data = dict(root=root, space="latent", latent_dir=str(out / "latents"), clip_length=FRAMES, batch_size=2)
     datamodule = EchoNetDataModule(**data)
     reid = distance_reid()

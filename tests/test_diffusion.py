@@ -16,7 +16,7 @@ from datamodules.datamodule import EchoNetDataModule
 from lightning_modules.diffusion import VideoDiffusionModule
 from lightning_modules.diffusion_sampling import blend_windows, denoising_loop, make_sampler, window_starts
 from lightning_modules.vae import VAEModule
-from tests.conftest import save_cli_checkpoint
+from tests.conftest import encode_tiny_latents, save_cli_checkpoint
 from tests.test_latent_cache import TINY_VAE
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=32, cross_attention_dim=32,
@@ -297,13 +297,7 @@ def test_ddp_validation_loss_equals_one_process(tmp_path):
 
     root = generate_phantom(tmp_path / "data", patients=5, videos_per_patient=1, seed=4, size=32, frames=(12, 14),
                             split_fractions=(0.2, 0.6, 0.2))
-    torch.manual_seed(0)
-    vae = VAEModule(**TINY_VAE)
-    vae.scaling_factor.fill_(1.0)
-    L.Trainer(accelerator="cpu", logger=False, callbacks=[LatentCacheWriter(tmp_path / "latents")],
-              enable_progress_bar=False).predict(
-        vae, datamodule=EchoNetDataModule(root, sampling="video", batch_size=1, predict_split="all", size=16),
-        return_predictions=False)
+    encode_tiny_latents(root, tmp_path / "latents")
     module = trained_shape(VideoDiffusionModule(**TINY), frames=4)
     checkpoint = save_cli_checkpoint(module, tmp_path / "lvdm.ckpt")
     config = tmp_path / "validate.yaml"
