@@ -25,8 +25,8 @@ class CoverageMetric(IndexedCat):
     gives it ``(N,)`` (:meth:`~lightning_modules.reid.ReIDModule.video_search`). ``compute()`` →
     ``{"coverage", "memorization_rate", "memorized_coverage"}`` (memorisation: score > ``tau``; memorised coverage:
     the share of the bank's videos that some video matches above ``tau``, i.e. the training videos reproduced),
-    float64 scalars, plus the per-video
-    ``"index"``, ``"score"`` and ``"match"`` they come from (each video once, sorted by index).
+    float64 scalars, plus the per-video ``"index"``, ``"score"`` and ``"match"`` they come from (each video once,
+    sorted by index).
     """
 
     higher_is_better = None
