@@ -73,8 +73,11 @@ class EchoLVDMCLI(LightningCLI):
     """LightningCLI with the shared DataModule fixed and any LightningModule selectable by ``model.class_path``."""
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
+        from callbacks.config_logging import LoggerSaveConfigCallback
         from datamodules.datamodule import EchoNetDataModule
 
+        # config.yaml in the log dir (rewritten by a run in the same dir), and the same config in wandb / TensorBoard.
+        kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(
             model_class=None,
@@ -108,8 +111,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"echo-lvdm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     # LightningCLI reads sys.argv itself, and warns when also handed args, so pass them only from Python.
-    EchoLVDMCLI(args=None if from_command_line else argv)
+    cli = EchoLVDMCLI(args=None if from_command_line else argv)
+    _finish_wandb_run(cli.trainer)
     return 0
+
+
+def _finish_wandb_run(trainer) -> None:
+    """A command's wandb run ends with the command. Lightning leaves the run open (fit then test in one run), and wandb
+    would hand it to the next WandbLogger of the process: a second main() in a notebook or test would log there.
+    (Not ``wandb.teardown()``: after it, no run can start in this process.)"""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        if wandb.run is not None:  # rank 0 only: the other ranks never start one
+            wandb.run.finish()
 
 
 if __name__ == "__main__":
