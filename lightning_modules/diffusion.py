@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNetSpatioTemporalConditionModel
@@ -14,10 +15,15 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from callbacks.metrics import IndexedCat
+from datamodules.sampler import global_seed
 from lightning_modules.components.ef_conditioning import EFConditioner
 from lightning_modules.diffusion_sampling import SAMPLERS, blend_windows, denoising_loop, make_sampler
 
 __all__ = ["VideoDiffusionModule"]
+
+# SeedSequence tag of the training draws: apart from the dataset's (seed, epoch, index, 1, stream) streams, and from
+# the small integer seeds of the evaluation noise.
+_TRAIN_DRAWS_STREAM = 4
 
 
 class VideoDiffusionModule(L.LightningModule):
@@ -38,6 +44,13 @@ class VideoDiffusionModule(L.LightningModule):
     updated once per optimizer step, swapped in for validation, test and :meth:`sample` (a copy on the same device, no
     host round trip), saved in the checkpoint under ``"ema"``. Validation/test noise and timesteps are drawn per
     video from ``eval_seed`` and its ``index``, so ``val/loss`` is comparable across epochs and equal under DDP.
+
+    Training randomness is a function of (``seed_everything``'s seed, epoch, ``index``): each item's noise, timestep,
+    reference-frame position and dropout coins come from its own generator, never from the global RNG, whatever rank
+    or batch holds the item. So W DDP processes with batch b take the steps of one process with batch W·b (when their
+    steps hold the same items), and a run resumed with ``--ckpt_path`` takes those of an uninterrupted one. Each item
+    appears once per epoch (also across the micro-batches of gradient accumulation), so no two items of an epoch share
+    draws.
 
     Args:
         block_out_channels, layers_per_block, attention_head_dim, cross_attention_dim, addition_time_embed_dim: the
@@ -155,16 +168,30 @@ class VideoDiffusionModule(L.LightningModule):
             noise.append(torch.randn(shape, generator=generator))
         return torch.stack(noise).to(self.device), torch.cat(timesteps).to(self.device)
 
+    def _train_draws(self, index: torch.Tensor, shape: torch.Size, frames: int) -> tuple[torch.Tensor, ...]:
+        # One generator per item, seeded by (seed, epoch, index): the draws of an item do not depend on the batch it
+        # is in, the rank that holds it or whether the run was resumed.
+        seed, epoch = global_seed(), self.current_epoch
+        noise, integers, coins = [], [], []
+        for key in index.tolist():
+            state = np.random.SeedSequence((seed, epoch, key, _TRAIN_DRAWS_STREAM)).generate_state(1, np.uint64)[0]
+            generator = torch.Generator().manual_seed(int(state))
+            integers.append(torch.cat([torch.randint(0, self.hparams.num_train_timesteps, (1,), generator=generator),
+                                       torch.randint(0, frames, (1,), generator=generator)]))
+            coins.append(torch.rand(2, generator=generator))  # EF dropout, reference dropout: independent
+            noise.append(torch.randn(shape, generator=generator))
+        integers, coins = torch.stack(integers).to(self.device), torch.stack(coins).to(self.device)
+        return torch.stack(noise).to(self.device), integers[:, 0], integers[:, 1], coins[:, 0], coins[:, 1]
+
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         latents, ef, fps, index = self._unpack(batch)
         batch_size, frames = latents.shape[:2]
         hp = self.hparams
         if stage == "train":
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, hp.num_train_timesteps, (batch_size,), device=self.device)
-            drop_ef = torch.rand(batch_size, device=self.device) < hp.ef_dropout
-            drop_reference = torch.rand(batch_size, device=self.device) < hp.reference_dropout
-            reference_frame = torch.randint(0, frames, (batch_size,), device=self.device)
+            noise, timesteps, reference_frame, ef_coin, reference_coin = self._train_draws(index, latents.shape[1:],
+                                                                                           frames)
+            noise = noise.to(latents.dtype)
+            drop_ef, drop_reference = ef_coin < hp.ef_dropout, reference_coin < hp.reference_dropout
             self.train_num_frames.fill_(frames)
             self.train_fps.fill_(fps.mean())
             self.latent_shape.copy_(torch.tensor(latents.shape[2:]))
