@@ -149,6 +149,13 @@ def test_grouped_sampler_keeps_patients_together_on_every_rank():
     laid_out = interleave_for_ranks(np.array(order), 3)
     pieces = [laid_out[rank::3].tolist() for rank in range(3)]
     assert sum(pieces, []) == order  # rank r's round-robin share is one contiguous piece of the grouped order
+    # Distributed, the sampler deals those shares itself (Lightning does not re-wrap a DistributedSampler, whose
+    # reshuffling would split patients): rank r gets piece r, whole patients in a row.
+    shards = [[index for index, _, _ in EpochSampler(20, seed=4, groups=groups, num_replicas=3, rank=rank)]
+              for rank in range(3)]
+    assert [len(shard) for shard in shards] == [7, 7, 7]
+    assert shards[0] == pieces[0] and shards[1] == pieces[1] and shards[2][:6] == pieces[2]
+    assert shards[2][6] == laid_out[0]  # padding: the first item again, as DistributedSampler pads
 
 
 def test_indexed_cat_drops_sampler_padding():
