@@ -54,7 +54,9 @@ def print_config(capsys, *args: str, subcommand: str = "fit") -> dict:
 def test_every_config_resolves(capsys, config):
     content = yaml.safe_load(config.read_text())
     args = ["--config", str(config)]
-    if "model" not in content:  # data-only configs are stacked under a model config
+    if "model" not in content and "data" not in content:  # configs/logger/*: stacked after a model config
+        args = ["--config", str(REPO / "configs/vae_quickstart.yaml"), *args]
+    elif "model" not in content:  # data-only configs are stacked under a model config
         args += ["--model", "tests.toy_models.MeanBrightnessEF"]
     subcommand = "predict" if "return_predictions" in content else "fit"
     resolved = print_config(capsys, *args, subcommand=subcommand)
