@@ -21,6 +21,7 @@ from datamodules.filelist import (
     report_bad,
 )
 from datamodules.latents import ENCODE_COMMAND, EchoNetLatentDataset, cached_records
+from datamodules.requests import GenerationRequests, RequestDataset, padded_length
 from datamodules.sampler import EpochSampler
 
 Split = Literal["train", "val", "test"]
@@ -53,7 +54,10 @@ class EchoNetDataModule(L.LightningDataModule):
             function of (seed, epoch) only, so a run resumed with ``--ckpt_path`` sees what an uninterrupted one would.
         group_by_patient: training batches hold a patient's videos together (shuffled patients, then their videos),
             so a frame model finds positive pairs across videos of one patient inside a batch (re-identification).
-        predict_split: the split ``predict`` iterates; ``"all"``: every row, of whichever splits the FileList has.
+        predict_split: the split ``predict`` iterates; ``"all"``: every row, of whichever splits the FileList has;
+            ``"requests"``: no video, but one generation request per attempt of ``requests`` (a synthetic dataset
+            written by :class:`~callbacks.synthetic_writer.SyntheticDatasetWriter`; see :mod:`datamodules.requests`).
+        requests: what to generate when ``predict_split`` is ``"requests"``.
     """
 
     def __init__(
@@ -79,7 +83,8 @@ class EchoNetDataModule(L.LightningDataModule):
         eval_seed: int = 0,
         seed: int | None = None,
         group_by_patient: bool = False,
-        predict_split: Split | Literal["all"] = "test",
+        predict_split: Split | Literal["all", "requests"] = "test",
+        requests: GenerationRequests | None = None,
         space: Literal["pixel", "latent"] = "pixel",
         latent_dir: str | Path | None = None,
         latent_posterior: Literal["sample", "mean"] = "sample",
@@ -100,6 +105,8 @@ class EchoNetDataModule(L.LightningDataModule):
             raise ValueError("clip_length, num_frames, period and batch_size must be ≥ 1")
         if space not in ("pixel", "latent"):
             raise ValueError(f"space must be 'pixel' or 'latent', got {space!r}")
+        if predict_split == "requests" and requests is None:
+            raise ValueError("predict_split 'requests' needs data.requests (attempts, distribution, ef_range, seed)")
         if space == "latent" and latent_dir is None:
             raise ValueError(f"space='latent' needs data.latent_dir (the cache written by: {ENCODE_COMMAND})")
         roots = {"train": train_root or root, "val": val_root or root, "test": test_root or root}
@@ -143,6 +150,8 @@ class EchoNetDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Read and check every split the stage needs; all broken entries of all of them are reported together."""
+        if stage == "predict" and self.hparams.predict_split == "requests":
+            return  # requests need no video; the training EFs are read when the loader is built
         if stage == "predict":
             split = self.hparams.predict_split
             splits = ("train", "val", "test") if split == "all" else (split,)
@@ -193,7 +202,22 @@ class EchoNetDataModule(L.LightningDataModule):
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
+        if self.hparams.predict_split == "requests":
+            return self.request_dataloader()
         return self._loader(self.hparams.predict_split)
+
+    def request_dataloader(self) -> DataLoader:
+        """Generation requests, padded to whole rounds of ``batch_size × world size`` (see :mod:`datamodules.requests`)."""
+        requests = self.hparams.requests
+        if isinstance(requests, dict):  # as a checkpoint's hyperparameters give it back
+            requests = GenerationRequests(**requests)
+        train_ef = None
+        if requests.distribution == "train":
+            train_ef = [record.ef for record in read_split(self.root_for("train"), "train", verify="none").records]
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        length = padded_length(requests.attempts, self.hparams.batch_size, world_size)
+        return DataLoader(RequestDataset(requests, length, train_ef), batch_size=self.hparams.batch_size,
+                          shuffle=False, num_workers=0)
 
     def eval_dataloader(self, split: Split, *, shard: tuple[int, int] | None = None) -> DataLoader:
         """Any split the way val/test see it (in order, clip positions fixed by ``eval_seed``), for models that embed

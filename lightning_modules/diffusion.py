@@ -384,3 +384,19 @@ class VideoDiffusionModule(L.LightningModule):
             if swapped_here:
                 self.swap_out_ema()
             self.train(was_training)
+
+    # ---------------------------------------------------------------------------------------------- predict
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        """One sample per generation request (:mod:`datamodules.requests`): latents ``(N, T, C, h, w)`` for the
+        batch's valid, not yet done requests (``batch["valid"]``, and ``batch["todo"]`` when a writer set it), each
+        at its ``ef`` with noise from its own ``seed``, on its ``reference`` frame when the batch carries one; None
+        when there is nothing to do. Sampling options (``steps``, ``scheduler``, ``guidance_scale``, ``num_frames``)
+        come from ``self.predict_options``, which :class:`~callbacks.synthetic_writer.SyntheticDatasetWriter` sets:
+        with ``--ckpt_path`` the checkpoint's hyperparameters override command-line model arguments."""
+        todo = batch["valid"] & batch.get("todo", torch.ones_like(batch["valid"]))
+        if not bool(todo.any()):
+            return None
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in batch["seed"][todo].tolist()]
+        reference = batch.get("reference")
+        return self.sample(ef=batch["ef"][todo], reference=None if reference is None else reference[todo],
+                           generator=generators, **getattr(self, "predict_options", {}))

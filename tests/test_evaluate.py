@@ -13,58 +13,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
-from diffusers import AutoencoderKL
 
-from datamodules.datamodule import EchoNetDataModule
 from lightning_modules.cli import main
-from lightning_modules.ef_regressor import EFRegressorModule
-from lightning_modules.evaluate_cli import EncodedReID
-from lightning_modules.reid_embeddings import embed_split
-from tests.conftest import save_cli_checkpoint, write_filelist
-from tests.test_coverage_callback import distance_reid
-from tests.test_ef_regressor import TINY as TINY_EF
+from tests.conftest import PLANTED_CLIP, read_filelist, write_filelist
 
-SIZE, CLIP = 32, 16
-
-
-def read_filelist(root: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader(open(root / "FileList.csv")))
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory) -> SimpleNamespace:
-    """A 40-patient real phantom (20 train / 10 val / 10 test), 14 new phantom patients, a random tiny VAE and a
-    distance re-ID calibrated on the 20 held-out videos."""
-    from datamodules.phantom import generate_phantom
-
-    out = tmp_path_factory.mktemp("evaluate")
-    real = generate_phantom(out / "real", patients=40, videos_per_patient=1, seed=21, size=SIZE, frames=(20, 24),
-                            split_fractions=(0.5, 0.25, 0.25))
-    new = generate_phantom(out / "new", patients=14, videos_per_patient=1, seed=22, size=SIZE, frames=(20, 24))
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
-                        norm_num_groups=8, mid_block_add_attention=False, sample_size=SIZE)
-    vae.register_to_config(scaling_factor=0.5)
-    vae.save_pretrained(out / "vae", safe_serialization=True)
-    # τ = the highest held-out score (quantile 1): at the default 0.95, 5 % of new patients would count as
-    # memorised by construction, and the planted fractions would be off by that much.
-    reid = distance_reid()
-    model = EncodedReID(reid, vae.eval())
-    datamodule = EchoNetDataModule(real, clip_length=CLIP, pad="reflect", batch_size=8)
-    with torch.no_grad():
-        bank = embed_split(model, datamodule, "train")
-        heldout = [embed_split(model, datamodule, split) for split in ("val", "test")]
-        best = torch.cat([reid.video_search(split.embedding, bank.embedding)[0] for split in heldout])
-    reid.tau.fill_(float(best.max()))
-    reid.tau_quantile.fill_(1.0)
-    train = [row for row in read_filelist(real) if row["Split"] == "TRAIN"]
-    regressor = EFRegressorModule(in_channels=1, **TINY_EF)
-    with torch.no_grad():
-        regressor.network.fc.bias.fill_(50.0)
-    return SimpleNamespace(out=out, real=real, new=new, train=train, reid=save_cli_checkpoint(reid, out / "reid.ckpt"),
-                           ef=save_cli_checkpoint(regressor, out / "ef.ckpt"))
+CLIP = PLANTED_CLIP
 
 
 def synthetic_folder(root: Path, copies: list[tuple[Path, dict]]) -> Path:

@@ -1,0 +1,376 @@
+"""``SyntheticDatasetWriter``: ``echo-lvdm predict --config configs/generate.yaml`` writes a privacy-filtered
+synthetic dataset in EchoNet-Dynamic layout.
+
+The DataModule serves generation requests (``data.predict_split: requests``, :mod:`datamodules.requests`): one item
+per attempt, with its EF and noise seed. For each batch the writer gives the generator its reference frames (from an
+anatomy model), the generator samples latents (:meth:`VideoDiffusionModule.predict_step`), and the writer decodes
+them with the VAE, writes each video as an AVI, reads the file back and scores what was written with the re-ID model
+against the training split — exactly what ``echo-lvdm evaluate`` would score. A video whose best score exceeds τ is
+deleted. Kept videos are numbered in attempt order until ``num_videos`` are kept; later passes are surplus.
+
+Output folder::
+
+    Videos/<prefix>_<attempt>.avi   the kept videos (MJPEG, as EchoNet-Dynamic)
+    FileList.csv                    FileName, EF (requested), FrameHeight, FrameWidth, FPS, NumberOfFrames, Split,
+                                    PatientID — rewritten atomically after every batch, only rows whose video exists
+    audit.csv                       every attempt: EF, seed, best score, τ, decision (kept / dropped / surplus) —
+                                    scores only, no training file names, so it can be published with the data
+    dataset.json                    the setup (checksums of every model, τ, requests), counts, complete or not
+
+Fail-closed: without a re-ID model, or with one that has no τ, the writer refuses, unless ``unfiltered: true``; an
+unfiltered dataset says so in ``dataset.json`` and in a ``NOT_PRIVACY_FILTERED.txt`` file beside its FileList.
+Resumable: a re-run with the same setup reads ``audit.csv`` and generates only the attempts that are not in it
+(a video written but not yet listed is deleted first). DDP: rank r generates attempts r, r + W, … of each round, the
+ranks gather their results after every batch and every rank applies them in attempt order, so the dataset does not
+depend on the number of ranks. The output folder must be on a file system every rank sees.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from datamodules.dataset import to_model_range
+from datamodules.requests import GenerationRequests
+from datamodules.video_io import atomic_output, read_video, write_video
+
+AUDIT_COLUMNS = ("Attempt", "FileName", "Split", "EF", "Seed", "Score", "Tau", "Decision", "FrameHeight", "FrameWidth",
+                 "NumberOfFrames")
+FILELIST_COLUMNS = ("FileName", "EF", "FrameHeight", "FrameWidth", "FPS", "NumberOfFrames", "Split", "PatientID")
+UNFILTERED_NOTE = "NOT_PRIVACY_FILTERED.txt"
+_ANATOMY_STREAM = 0x5EED  # the reference frame's noise differs from the video's
+
+
+class SyntheticDatasetWriter(BasePredictionWriter):
+    """Writes ``num_videos`` privacy-filtered synthetic videos in EchoNet layout to ``out`` (see module docs).
+
+    Args:
+        out: output folder. num_videos: videos to keep; the cap on attempts is ``data.requests.attempts``.
+        reid: calibrated re-ID checkpoint (τ inside); required unless ``unfiltered``.
+        vae: exported VAE folder (``echo-lvdm export-vae``): decodes the generator's latents, and encodes the written
+            videos for a latent re-ID model.
+        anatomy: image-mode diffusion checkpoint whose samples (at each request's EF) are the reference frames of a
+            reference-conditioned video model; None: no reference (the model's trained no-reference mode).
+        unfiltered: write without a privacy filter (marked as such).
+        splits: fractions of kept videos per Split label, assigned by a seeded shuffle.
+        num_frames, steps, sampler, guidance_scale: sampling options (None: the model's training clip length and
+            defaults). fps: FPS written (None: the model's training frame rate).
+        cache_dir: where the training split's re-ID embeddings are cached (None: the trainer's default_root_dir
+            under ``reid_cache/``; never inside ``out``: they derive from patient videos).
+        prefix: video name prefix.
+    """
+
+    def __init__(self, out: str | Path, num_videos: int, *, reid: str | None = None, vae: str | None = None,
+                 anatomy: str | None = None, unfiltered: bool = False,
+                 splits: dict[str, float] | None = None, num_frames: int | None = None, steps: int | None = None,
+                 sampler: str | None = None, guidance_scale: float | None = None, fps: float | None = None,
+                 cache_dir: str | None = None, prefix: str = "synthetic") -> None:
+        super().__init__(write_interval="batch")
+        if num_videos < 1:
+            raise ValueError(f"SyntheticDatasetWriter: num_videos must be ≥ 1, got {num_videos}")
+        if reid is None and not unfiltered:
+            raise ValueError("SyntheticDatasetWriter: no re-ID model, so no privacy filter. Give reid: <calibrated "
+                             "re-ID checkpoint>, or set unfiltered: true to write a dataset marked as not filtered")
+        splits = {"TRAIN": 0.75, "VAL": 0.125, "TEST": 0.125} if splits is None else dict(splits)
+        if any(value < 0 for value in splits.values()) or abs(sum(splits.values()) - 1.0) > 1e-6:
+            raise ValueError(f"SyntheticDatasetWriter: split fractions must be ≥ 0 and sum to 1, got {splits}")
+        for name, path in (("reid", reid), ("anatomy", anatomy)):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"SyntheticDatasetWriter: {name} checkpoint {path} not found")
+        self.out, self.num_videos, self.unfiltered = Path(out), num_videos, unfiltered
+        self.reid_path = None if reid is None else Path(reid)
+        self.vae_path, self.anatomy_path = vae, anatomy
+        self.splits, self.prefix, self.fps = splits, prefix, fps
+        self.sampling = {key: value for key, value in dict(num_frames=num_frames, steps=steps, scheduler=sampler,
+                                                             guidance_scale=guidance_scale).items() if value is not None}
+        self.cache_dir = cache_dir
+        self.reid = self.vae = self.anatomy = self.encoder = self.bank = None
+        self.tau = float("nan")
+        self.rows: dict[int, dict[str, Any]] = {}  # attempt → audit row
+        self.split_plan: list[str] = []
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        datamodule = trainer.datamodule
+        if datamodule is None or datamodule.hparams.get("predict_split") != "requests":
+            raise ValueError("SyntheticDatasetWriter needs generation requests: data.predict_split: requests and "
+                             "data.requests (see configs/generate.yaml)")
+        requests = datamodule.hparams.requests
+        self.requests = GenerationRequests(**requests) if isinstance(requests, dict) else requests
+        if self.requests.attempts < self.num_videos:
+            raise ValueError(f"SyntheticDatasetWriter: num_videos {self.num_videos} > data.requests.attempts "
+                             f"{self.requests.attempts} (the cap on attempts)")
+        self._load_models(pl_module, trainer.strategy.root_device)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here, not in setup: `predict --ckpt_path` loads the generator's weights (frame rate, clip length) after setup.
+        datamodule = trainer.datamodule
+        self.fps = float(self.fps or getattr(pl_module, "train_fps"))
+        pl_module.predict_options = dict(self.sampling)
+        self.num_frames = int(self.sampling.get("num_frames") or getattr(pl_module, "train_num_frames"))
+        if self.reid is not None:
+            self.bank = self._embed_training_split(trainer, datamodule)
+        self.split_plan = split_plan(self.splits, self.num_videos, self.requests.seed)
+        self.signature = self._signature(pl_module)
+        self._check_folder()  # every rank, so that all of them raise together
+        _barrier()
+        if trainer.is_global_zero:
+            self._reconcile()
+        _barrier()
+        self.rows = read_audit(self.out / "audit.csv")
+        rank_zero_info(f"SyntheticDatasetWriter: {self.kept} of {self.num_videos} videos kept so far in {self.out}"
+                       + ("" if self.reid is None else f"; privacy filter τ = {self.tau:.4g}"))
+
+    def _load_models(self, pl_module: L.LightningModule, device: torch.device) -> None:
+        from callbacks.video_logging import load_frozen_vae
+        from lightning_modules.diffusion import VideoDiffusionModule
+        from lightning_modules.evaluate_cli import EncodedReID
+        from lightning_modules.reid import NotCalibratedError, load_reid
+
+        if self.vae_path is not None and self.vae is None:
+            self.vae = load_frozen_vae(self.vae_path).to(device)
+        if self.reid_path is not None and self.reid is None:
+            self.reid = load_reid(self.reid_path).to(device)
+            if not self.reid.calibrated:
+                raise NotCalibratedError(f"SyntheticDatasetWriter: {self.reid_path} has no privacy threshold τ, so it "
+                                         "cannot filter; calibrate it (`echo-lvdm validate --config <reid config> "
+                                         "--ckpt_path <ckpt>`) or set unfiltered: true")
+            latent = self.reid.hparams.in_channels != 1 and self.vae is not None \
+                and self.reid.hparams.in_channels == self.vae.config.latent_channels
+            if self.reid.hparams.in_channels not in (1, 3) and not latent:
+                raise ValueError(f"SyntheticDatasetWriter: {self.reid_path} works in latent space; give vae: "
+                                 "<exported VAE folder> to encode the written videos")
+            self.encoder = EncodedReID(self.reid, self.vae if latent else None)
+            self.tau = float(self.reid.tau)
+        if self.anatomy_path is not None and self.anatomy is None:
+            self.anatomy = VideoDiffusionModule.load_from_checkpoint(self.anatomy_path, map_location=device,
+                                                                     weights_only=True)
+            if self.anatomy.hparams.mode != "image":
+                raise ValueError(f"SyntheticDatasetWriter: anatomy {self.anatomy_path} is a video model; give an "
+                                 "image-mode (anatomy) checkpoint")
+            self.anatomy.eval().requires_grad_(False)
+        hp = getattr(pl_module, "hparams", {})
+        if hp.get("reference_conditioning") and self.anatomy is None:
+            if not hp.get("reference_dropout"):
+                raise ValueError("SyntheticDatasetWriter: the video model always saw a reference frame in training; "
+                                 "give anatomy: <image-mode checkpoint> for its reference frames")
+            rank_zero_warn("SyntheticDatasetWriter: no anatomy model; sampling in the model's no-reference mode")
+
+    def _embed_training_split(self, trainer: L.Trainer, datamodule) -> Any:
+        from datamodules.datamodule import EchoNetDataModule
+        from lightning_modules.reid_embeddings import embed_split
+
+        hp = datamodule.hparams
+        channels = int(self.vae.config.in_channels) if self.encoder.vae is not None else int(self.reid.hparams.in_channels)
+        real = EchoNetDataModule(datamodule.root_for("train"), sampling="clip", clip_length=self.num_frames,
+                                 period=hp.period, fps=hp.fps, pad="reflect", channels=channels, size=hp.size,
+                                 batch_size=hp.batch_size, num_workers=0, eval_seed=hp.eval_seed)
+        cache = Path(self.cache_dir) if self.cache_dir is not None else Path(trainer.default_root_dir) / "reid_cache"
+        bank = embed_split(self.encoder, real, "train", cache_dir=cache)
+        rank_zero_info(f"SyntheticDatasetWriter: {len(bank)} training videos embedded as the privacy bank")
+        return bank
+
+    def _signature(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        from lightning_modules.vae_utils import checksum_of_weights
+
+        state = dict(pl_module.state_dict())
+        ema = getattr(pl_module, "ema", None)
+        if ema is not None:  # samples come from the EMA weights
+            state.update({f"ema.{i}": p for i, p in enumerate(ema.shadow_params)})
+        requests = asdict(self.requests)
+        requests.pop("attempts")  # the cap may be raised on a re-run
+        requests["ef_range"] = list(requests["ef_range"])
+        return {"generator": checksum_of_weights(state),
+                "vae": None if self.vae is None else checksum_of_weights(self.vae),
+                "anatomy": None if self.anatomy is None else checksum_of_weights(self.anatomy.state_dict()),
+                "reid": None if self.reid is None else self.reid.weights_checksum(),
+                "tau": None if self.reid is None else self.tau, "requests": requests, "num_videos": self.num_videos,
+                "splits": self.splits, "sampling": self.sampling, "num_frames": self.num_frames, "fps": self.fps,
+                "prefix": self.prefix, "privacy_filtered": not self.unfiltered}
+
+    def _check_folder(self) -> None:
+        """``out`` must hold nothing, or a dataset written with this very setup (then the run continues it)."""
+        meta_path = self.out / "dataset.json"
+        if meta_path.is_file():
+            previous = json.loads(meta_path.read_text()).get("setup", {})
+            changed = sorted(key for key in set(previous) | set(self.signature)
+                             if previous.get(key) != self.signature.get(key))
+            if changed:
+                raise ValueError(f"SyntheticDatasetWriter: {self.out} holds a dataset written with another setup "
+                                 f"({', '.join(changed)} differ); use a new folder, or delete it to start over")
+        elif self.out.is_dir() and any(self.out.iterdir()):
+            raise ValueError(f"SyntheticDatasetWriter: {self.out} exists and is not a synthetic dataset written by "
+                             "echo-lvdm (no dataset.json); choose an empty or new folder")
+
+    def _reconcile(self) -> None:
+        """Rank 0: make Videos/ and the lists agree after a killed run."""
+        (self.out / "Videos").mkdir(parents=True, exist_ok=True)
+        rows = read_audit(self.out / "audit.csv")
+        videos = self.out / "Videos"
+        kept = {row["FileName"] for row in rows.values() if row["Decision"] == "kept"}
+        missing = [attempt for attempt, row in rows.items() if row["Decision"] == "kept"
+                   and not (videos / f"{row['FileName']}.avi").is_file()]
+        for attempt in missing:  # listed but gone: generate it again
+            del rows[attempt]
+        for path in videos.glob("*.avi"):  # written but never listed (killed in between): not part of the dataset
+            if path.stem not in kept:
+                path.unlink()
+        self.rows = rows
+        self._write_lists()
+
+    # --------------------------------------------------------------------------------------------- writing
+    @property
+    def kept(self) -> int:
+        return sum(row["Decision"] == "kept" for row in self.rows.values())
+
+    @property
+    def complete(self) -> bool:
+        return self.kept >= self.num_videos
+
+    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        """Mark the requests still to generate (``batch["todo"]``) and give them their reference frames."""
+        done = torch.tensor([int(i) in self.rows for i in batch["index"].tolist()], device=batch["valid"].device)
+        batch["todo"] = batch["valid"] & ~done & (not self.complete)
+        if self.anatomy is not None and bool(batch["todo"].any()):
+            todo = batch["todo"]
+            generators = [torch.Generator().manual_seed(int(seed) ^ _ANATOMY_STREAM)
+                          for seed in batch["seed"][todo].tolist()]
+            frames = self.anatomy.sample(ef=batch["ef"][todo], generator=generators)[:, 0]
+            reference = torch.zeros(len(todo), *frames.shape[1:], dtype=frames.dtype, device=frames.device)
+            reference[todo] = frames
+            batch["reference"] = reference
+
+    @torch.no_grad()
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
+                           batch_indices: Any, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.complete:  # the same on every rank: each applies every rank's results
+            return
+        todo = batch["todo"]
+        results = []
+        if prediction is not None:
+            if isinstance(prediction, dict):
+                pixels = prediction["pixels"]
+            else:
+                from callbacks.video_logging import decode_frames
+
+                if self.vae is None:
+                    raise ValueError("SyntheticDatasetWriter: the generator returns latents; give vae: <exported VAE "
+                                     "folder> to decode them")
+                pixels = decode_frames(self.vae, prediction)
+            requests = zip(batch["index"][todo].tolist(), batch["ef"][todo].tolist(), batch["seed"][todo].tolist())
+            for (attempt, ef, seed), video in zip(requests, pixels.clamp(-1.0, 1.0)):
+                results.append(self._write_and_score(attempt, ef, seed, video))
+        for result in sorted((r for part in _gather(results) for r in part), key=lambda r: r["Attempt"]):
+            self._decide(result)
+        if trainer.is_global_zero:
+            self._write_lists()
+
+    def _write_and_score(self, attempt: int, ef: float, seed: int, video: torch.Tensor) -> dict[str, Any]:
+        from callbacks.video_logging import video_array
+
+        name = f"{self.prefix}_{attempt:06d}"
+        path = write_video(self.out / "Videos" / f"{name}.avi", video_array(video), fps=self.fps)
+        written = read_video(path, gray=video.shape[1] == 1)  # score exactly what was written
+        score = None
+        if self.encoder is not None:
+            embedding = self.encoder.embed_videos(to_model_range(written)[None].to(self.reid.device))
+            score = float(self.reid.video_search(embedding, self.bank.embedding.to(embedding))[0][0])
+        passed = score is None or score <= self.tau
+        if not passed:
+            path.unlink()
+        return {"Attempt": attempt, "FileName": name, "Split": "", "EF": round(ef, 3), "Seed": seed,
+                "Score": "" if score is None else round(score, 6), "Tau": "" if score is None else round(self.tau, 6),
+                "Decision": "passed" if passed else "dropped", "FrameHeight": written.shape[1],
+                "FrameWidth": written.shape[2], "NumberOfFrames": len(written)}
+
+    def _decide(self, result: dict[str, Any]) -> None:
+        if result["Decision"] == "passed":
+            if self.complete:
+                result["Decision"] = "surplus"
+                (self.out / "Videos" / f"{result['FileName']}.avi").unlink(missing_ok=True)
+            else:
+                result["Decision"] = "kept"
+        self.rows[result["Attempt"]] = result
+
+    def _write_lists(self) -> None:
+        rows = [self.rows[attempt] for attempt in sorted(self.rows)]
+        kept = [row for row in rows if row["Decision"] == "kept"]
+        for row, split in zip(kept, self.split_plan):  # the k-th kept attempt: the same after a resume
+            row["Split"] = split
+        write_csv(self.out / "audit.csv", AUDIT_COLUMNS, rows)
+        write_csv(self.out / "FileList.csv", FILELIST_COLUMNS,
+                  [{**row, "FPS": round(self.fps, 4), "PatientID": row["FileName"]} for row in kept])
+        counts = {decision: sum(row["Decision"] == decision for row in rows)
+                  for decision in ("kept", "dropped", "surplus")}
+        meta = {"created_by": "echo-lvdm SyntheticDatasetWriter", "privacy_filtered": not self.unfiltered,
+                "complete": len(kept) >= self.num_videos, "attempts": len(rows), **counts,
+                "attempt_cap": self.requests.attempts, "setup": self.signature}
+        with atomic_output(self.out / "dataset.json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        note = self.out / UNFILTERED_NOTE
+        if self.unfiltered and not note.is_file():
+            note.write_text("This synthetic dataset was written WITHOUT the re-identification privacy filter "
+                            "(unfiltered: true). Videos may reproduce training patients. Do not share it as private.\n")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _barrier()
+        dropped = sum(row["Decision"] == "dropped" for row in self.rows.values())
+        summary = (f"{self.kept} of {self.num_videos} videos kept after {len(self.rows)} attempts "
+                   f"({dropped} dropped above τ)")
+        if not self.complete:
+            raise RuntimeError(f"SyntheticDatasetWriter: {summary}: the cap data.requests.attempts="
+                               f"{self.requests.attempts} was hit. {self.out} holds the kept videos; re-run with a "
+                               "higher cap to continue (many drops mean the model reproduces training patients)")
+        rank_zero_info(f"SyntheticDatasetWriter: {summary} → {self.out}"
+                       + (" (NOT privacy-filtered)" if self.unfiltered else ""))
+
+
+def split_plan(fractions: dict[str, float], count: int, seed: int) -> list[str]:
+    """Split labels for ``count`` videos: largest-remainder counts of ``fractions``, in a seeded random order."""
+    exact = {name: fraction * count for name, fraction in fractions.items()}
+    sizes = {name: int(value) for name, value in exact.items()}
+    for name in sorted(exact, key=lambda n: sizes[n] - exact[n])[:count - sum(sizes.values())]:
+        sizes[name] += 1
+    labels = [name for name, size in sizes.items() for _ in range(size)]
+    order = np.random.default_rng((seed, 13)).permutation(count)
+    return [labels[i] for i in order]
+
+
+def read_audit(path: Path) -> dict[int, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as handle:
+        return {int(row["Attempt"]): {**row, "Attempt": int(row["Attempt"])} for row in csv.DictReader(handle)}
+
+
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    with atomic_output(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _gather(results: list) -> list[list]:
+    if dist.is_available() and dist.is_initialized():
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, results)
+        return parts
+    return [results]
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,245 @@
+"""SyntheticDatasetWriter: the privacy filter drops planted copies of training videos and the audit shows them,
+`evaluate` agrees with the filter's scores, the writer refuses without τ, a killed generation resumes to exactly N
+videos with a consistent FileList (the same dataset as an uninterrupted run), and 2 DDP processes write the N
+distinct videos of 1 process."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from callbacks.synthetic_writer import UNFILTERED_NOTE, SyntheticDatasetWriter
+from datamodules.datamodule import EchoNetDataModule
+from datamodules.dataset import to_model_range
+from datamodules.requests import GenerationRequests
+from datamodules.video_io import read_video
+from lightning_modules.cli import main
+from lightning_modules.diffusion import VideoDiffusionModule
+from lightning_modules.reid import NotCalibratedError, load_reid
+from tests.conftest import PLANTED_CLIP, kill_when, read_filelist, save_cli_checkpoint
+from tests.test_diffusion import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+COPIES = {2: 0, 5: 1, 9: 2, 14: 3}  # attempt → training video it reproduces
+
+
+class PlantedGenerator(L.LightningModule):
+    """A stand-in generator in pixel space: at the planted attempts it returns a training video (a copy), elsewhere a
+    video of a patient the training set does not hold."""
+
+    def __init__(self, sources: dict[int, Path]) -> None:
+        super().__init__()
+        self.sources = sources
+        self.train_fps, self.train_num_frames = 50.0, PLANTED_CLIP
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor] | None:
+        todo = batch["valid"] & batch["todo"]
+        if not bool(todo.any()):
+            return None
+        videos = [to_model_range(read_video(self.sources[i])[:PLANTED_CLIP]) for i in batch["index"][todo].tolist()]
+        return {"pixels": torch.stack(videos)}
+
+
+def planted_sources(planted: SimpleNamespace, attempts: int) -> dict[int, Path]:
+    new = [planted.new / "Videos" / f"{row['FileName']}.avi" for row in read_filelist(planted.new)]
+    train = [planted.real / "Videos" / f"{row['FileName']}.avi" for row in planted.train]
+    return {i: train[COPIES[i]] if i in COPIES else new[i % len(new)] for i in range(attempts)}
+
+
+def generate(planted: SimpleNamespace, out: Path, num_videos: int, attempts: int, **writer_args) -> SyntheticDatasetWriter:
+    writer = SyntheticDatasetWriter(out, num_videos, vae=str(planted.out / "vae"), cache_dir=str(planted.out / "cache"),
+                                    **writer_args)
+    datamodule = EchoNetDataModule(planted.real, predict_split="requests", batch_size=4,
+                                   requests=GenerationRequests(attempts=attempts, seed=3))
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False,
+                        default_root_dir=out.parent)
+    trainer.predict(PlantedGenerator(planted_sources(planted, attempts)), datamodule=datamodule,
+                    return_predictions=False)
+    return writer
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_filter_drops_planted_copies_and_evaluate_agrees(planted, tmp_path):
+    out = tmp_path / "synthetic"
+    generate(planted, out, num_videos=11, attempts=20, reid=str(planted.reid))
+    audit = {int(row["Attempt"]): row for row in read_rows(out / "audit.csv")}
+    tau = float(load_reid(planted.reid).tau)
+    # Every copy scores above τ and is dropped; every new patient scores below and passes.
+    assert {i for i, row in audit.items() if row["Decision"] == "dropped"} == set(COPIES)
+    assert all(float(audit[i]["Score"]) > tau for i in COPIES)
+    assert all(float(row["Score"]) <= tau for i, row in audit.items() if i not in COPIES)
+    # Kept: the first 11 passing attempts; a pass later in the last batch (round) is surplus and leaves no file, and
+    # no attempt is generated after that batch.
+    passing = [i for i in range(20) if i not in COPIES]
+    kept = passing[:11]
+    assert [i for i, row in audit.items() if row["Decision"] == "kept"] == kept
+    assert [i for i, row in audit.items() if row["Decision"] == "surplus"] == [15] and sorted(audit) == list(range(16))
+    filelist = read_filelist(out)
+    names = [row["FileName"] for row in filelist]
+    assert names == [f"synthetic_{i:06d}" for i in kept]
+    assert sorted(p.stem for p in (out / "Videos").glob("*.avi")) == names
+    # Metadata describes the files: frame size and count, fps, requested EF, splits by the fractions (8.25/1.4/1.4).
+    for row in filelist:
+        frames = read_video(out / "Videos" / f"{row['FileName']}.avi")
+        assert (int(row["NumberOfFrames"]), int(row["FrameHeight"]), int(row["FrameWidth"])) == frames.shape
+        assert float(row["FPS"]) == 50.0 and 10.0 <= float(row["EF"]) <= 90.0
+    splits = [row["Split"] for row in filelist]
+    assert splits.count("TRAIN") == 8 and sorted(splits.count(s) for s in ("VAL", "TEST")) == [1, 2]
+    meta = json.loads((out / "dataset.json").read_text())
+    assert (meta["privacy_filtered"], meta["complete"], meta["kept"], meta["dropped"]) == (True, True, 11, 4)
+    assert not (out / UNFILTERED_NOTE).exists()
+    # The dataset loads through the DataModule, and `evaluate` scores it as the filter did: nothing memorised.
+    assert main(["evaluate", "--real", str(planted.real), "--synthetic", str(out), "--reid", str(planted.reid),
+                 "--vae", str(planted.out / "vae"), "--out", str(tmp_path / "report"), "--clip-length",
+                 str(PLANTED_CLIP), "--k", "3", "--cache-dir", str(planted.out / "cache")]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["memorization_rate"] == 0.0 and metrics["synthetic_videos"] == 11
+    scores = {row["FileName"]: float(row["BestScore"]) for row in read_rows(tmp_path / "report" / "synthetic_scores.csv")}
+    for i in kept:
+        assert scores[f"synthetic_{i:06d}"] == pytest.approx(float(audit[i]["Score"]), abs=1e-5)
+
+
+def test_writer_refuses_without_tau_and_marks_unfiltered_datasets(planted, tmp_path):
+    with pytest.raises(ValueError, match="no re-ID model, so no privacy filter"):
+        SyntheticDatasetWriter(tmp_path / "none", 4)
+    reid = load_reid(planted.reid)
+    reid.tau.fill_(float("nan"))
+    uncalibrated = save_cli_checkpoint(reid, tmp_path / "uncalibrated.ckpt")
+    with pytest.raises(NotCalibratedError, match="has no privacy threshold"):
+        generate(planted, tmp_path / "refused", num_videos=4, attempts=8, reid=str(uncalibrated))
+    assert not (tmp_path / "refused" / "FileList.csv").exists()
+    out = tmp_path / "unfiltered"
+    generate(planted, out, num_videos=8, attempts=8, unfiltered=True)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["privacy_filtered"] is False and meta["kept"] == 8 and (out / UNFILTERED_NOTE).is_file()
+    assert [row["Decision"] for row in read_rows(out / "audit.csv")] == ["kept"] * 8  # copies too: no filter
+
+
+def test_cap_on_attempts_stops_with_a_clear_error_and_a_consistent_folder(planted, tmp_path):
+    out = tmp_path / "capped"
+    with pytest.raises(RuntimeError, match=r"9 of 12 videos kept after 12 attempts \(3 dropped above τ\).*cap"):
+        generate(planted, out, num_videos=12, attempts=12, reid=str(planted.reid))
+    assert json.loads((out / "dataset.json").read_text())["complete"] is False
+    assert sorted(p.stem for p in (out / "Videos").glob("*.avi")) == [r["FileName"] for r in read_filelist(out)]
+    # Raising the cap continues the same dataset: only the new attempts are generated.
+    generate(planted, out, num_videos=12, attempts=20, reid=str(planted.reid))
+    assert len(read_filelist(out)) == 12 and json.loads((out / "dataset.json").read_text())["complete"] is True
+    with pytest.raises(ValueError, match="another setup.*num_videos"):
+        generate(planted, out, num_videos=10, attempts=20, reid=str(planted.reid))
+
+
+# ------------------------------------------------------------------------------ the real CLI: resume and DDP
+FRAMES, STEPS = 4, 4
+
+
+@pytest.fixture(scope="module")
+def cli_world(planted, tmp_path_factory) -> SimpleNamespace:
+    """A tiny untrained video model (latents 4 × 16 × 16, as the planted VAE makes of 32 px frames) and anatomy model,
+    and a copy of the planted re-ID whose τ splits the untrained model's samples about in half, so that the filter
+    drops some of every batch."""
+    out = tmp_path_factory.mktemp("generate")
+    torch.manual_seed(1)
+    video = VideoDiffusionModule(**TINY, ema_decay=None, reference_dropout=0.1)
+    anatomy = VideoDiffusionModule(**TINY, mode="image", reference_conditioning=False, ema_decay=None)
+    for module, frames in ((video, FRAMES), (anatomy, 1)):
+        module.train_num_frames.fill_(frames)
+        module.train_fps.fill_(12.5)
+        module.latent_shape.copy_(torch.tensor([4, 16, 16]))
+    world = SimpleNamespace(out=out, real=planted.real, vae=planted.out / "vae",
+                            video=save_cli_checkpoint(video, out / "video.ckpt"),
+                            anatomy=save_cli_checkpoint(anatomy, out / "anatomy.ckpt"), reid=planted.reid)
+    first = run_generate(world, out / "unsplit", devices=1, num_videos=24, attempts=24)
+    assert first.returncode == 0, first.stderr[-3000:]
+    scores = np.sort([float(row["Score"]) for row in read_rows(out / "unsplit" / "audit.csv")])
+    middle = len(scores) // 2
+    reid = load_reid(planted.reid)
+    reid.tau.fill_(float(scores[middle - 1] + scores[middle]) / 2)
+    world.reid = save_cli_checkpoint(reid, out / "reid_half.ckpt")
+    return world
+
+
+def run_generate(world: SimpleNamespace, out: Path, *, devices: int, num_videos: int, attempts: int,
+                 background: bool = False):
+    config = {
+        "model": {"class_path": "lightning_modules.diffusion.VideoDiffusionModule"},
+        "data": {"root": str(world.real), "predict_split": "requests", "batch_size": 2, "num_workers": 0,
+                 "requests": {"attempts": attempts, "seed": 7}},
+        "return_predictions": False,
+        "trainer": {"accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto",
+                    "logger": False, "enable_progress_bar": False, "default_root_dir": str(out.parent / "logs"),
+                    "callbacks": [{"class_path": "callbacks.synthetic_writer.SyntheticDatasetWriter", "init_args": {
+                        "out": str(out), "num_videos": num_videos, "reid": str(world.reid), "vae": str(world.vae),
+                        "anatomy": str(world.anatomy), "steps": STEPS, "cache_dir": str(world.out / "cache")}}]},
+    }
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "lightning_modules.cli", "predict", "--config", str(path),
+               "--ckpt_path", str(world.video)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if background:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def dataset(out: Path) -> tuple[list[dict[str, str]], list[dict[str, str]], dict[str, np.ndarray]]:
+    filelist, audit = read_filelist(out), read_rows(out / "audit.csv")
+    videos = {path.stem: read_video(path) for path in sorted((out / "Videos").glob("*.avi"))}
+    return filelist, audit, videos
+
+
+@pytest.mark.slow
+def test_killed_generation_resumes_to_the_uninterrupted_dataset(cli_world, tmp_path):
+    reference = run_generate(cli_world, tmp_path / "straight", devices=1, num_videos=10, attempts=40)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out = tmp_path / "killed"
+    process = run_generate(cli_world, out, devices=1, num_videos=10, attempts=40, background=True)
+    kill_when(process, lambda: len(list((out / "Videos").glob("*.avi"))) >= 4 if (out / "Videos").is_dir() else False)
+    listed = [row["FileName"] for row in read_filelist(out)]
+    assert 0 < len(listed) < 10, "the generation was not interrupted mid-way"
+    assert set(listed) <= {p.stem for p in (out / "Videos").glob("*.avi")}  # FileList never lists a missing video
+    (out / "Videos" / "synthetic_999999.avi").write_bytes(b"half")  # as if killed between the AVI and the FileList
+    resumed = run_generate(cli_world, out, devices=1, num_videos=10, attempts=40)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    filelist, audit, videos = dataset(out)
+    assert len(filelist) == 10 and sorted(videos) == sorted(row["FileName"] for row in filelist)
+    straight = dataset(tmp_path / "straight")
+    assert filelist == straight[0] and audit == straight[1]
+    for name, frames in videos.items():
+        np.testing.assert_array_equal(frames, straight[2][name])
+
+
+@pytest.mark.slow
+def test_ddp_generation_writes_the_n_distinct_videos_of_one_process(cli_world, tmp_path):
+    runs = {}
+    for devices in (1, 2):
+        result = run_generate(cli_world, tmp_path / f"devices{devices}", devices=devices, num_videos=10, attempts=40)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[devices] = dataset(tmp_path / f"devices{devices}")
+    (filelist, audit, videos), (filelist2, audit2, videos2) = runs[1], runs[2]
+    assert len(filelist2) == 10 == len({row["FileName"] for row in filelist2}) == len(videos2)
+    assert any(row["Decision"] == "dropped" for row in audit2)  # the filter acted on both ranks' videos
+    assert [row["FileName"] for row in filelist2] == [row["FileName"] for row in filelist]
+    # Same decisions; 2 ranks generate 4 attempts a round where 1 rank generates 2, so the last round may add surplus.
+    decisions = [(r["Attempt"], r["Decision"], r["Split"]) for r in audit]
+    assert [(r["Attempt"], r["Decision"], r["Split"]) for r in audit2[:len(audit)]] == decisions
+    assert all(r["Decision"] == "surplus" for r in audit2[len(audit):])
+    for one, two in zip(audit, audit2):
+        assert float(two["Score"]) == pytest.approx(float(one["Score"]), abs=1e-4)
+        assert float(two["EF"]) == float(one["EF"])
+    for name, frames in videos.items():  # batches differ between the runs: pixels agree up to rounding
+        assert np.abs(frames.astype(int) - videos2[name].astype(int)).max() <= 2
