@@ -3,7 +3,7 @@
 ``fit | validate | test | predict`` are LightningCLI subcommands: the model is whatever LightningModule the config's
 ``model.class_path`` names, the data is always :class:`~datamodules.EchoNetDataModule`, configs stack left to right
 (``--config a.yaml --config b.yaml``), ``--print_config`` prints the resolved config and ``--ckpt_path`` resumes.
-Plain commands (``phantom``, ``inspect``, ``export-vae``, ``sample``, ``evaluate``) are argparse programs beside them.
+Plain commands (``phantom``, ``inspect``, ``export-vae``, ``sample``, ``evaluate``, ``pipeline``) are argparse programs beside them.
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ PLAIN_COMMANDS = {
     "sample": PlainCommand(
         "generate videos at requested EFs with a trained diffusion model (and read their EF back)",
         "lightning_modules.sample_cli", "add_sample_arguments", "run_sample",
+    ),
+    "pipeline": PlainCommand(
+        "phantom → VAE → latents → re-ID → EF → anatomy → video model → filtered synthetic dataset → report",
+        "lightning_modules.pipeline_cli", "add_pipeline_arguments", "run_pipeline",
     ),
     "evaluate": PlainCommand(
         "coverage, memorisation and EF faithfulness of a synthetic EchoNet folder against a real one, with a report",

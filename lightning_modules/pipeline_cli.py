@@ -1,0 +1,339 @@
+"""``echo-lvdm pipeline --config configs/pipeline/quickstart.yaml --out DIR``: from an EchoNet-layout folder (or a
+phantom it writes) to a privacy-filtered synthetic dataset and its coverage report, one stage after another.
+
+Each stage is an ordinary ``echo-lvdm`` run of configs in ``configs/`` — the pipeline only orders them and passes
+artifact paths, through a small overlay config it writes to ``DIR/<stage>/pipeline.yaml`` (read it to rerun a stage by
+hand) and a few command-line arguments; the pipeline config's ``args`` for a stage come last and win. A finished stage
+writes ``DIR/<stage>/DONE.json`` (its artifacts, metrics and duration) and is skipped by the next run, so a killed
+pipeline resumes: a fit killed mid-way continues from its ``last.ckpt``, the latent cache and the synthetic dataset
+writer continue where they stopped. ``--redo STAGE`` runs that stage and every later one again.
+
+Stages: data (phantom) → vae → export (diffusers folder) → encode (latent cache) → reid (+τ) → ef (+ test on real)
+→ anatomy → video (with the CoverageCallback) → generate (SyntheticDatasetWriter) → ef_synthetic (trained on
+synthetic, tested on real) → evaluate (report). ``DIR/summary.md`` holds the final table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="pipeline YAML (configs/pipeline/quickstart.yaml)")
+    parser.add_argument("--out", type=Path, required=True, help="run folder: every stage's outputs and summary.md")
+    parser.add_argument("--redo", metavar="STAGE", help="run this stage and every later one again")
+    parser.add_argument("--stop-after", metavar="STAGE", help="stop once this stage is done")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Run], dict[str, Any]]  # runs the stage; returns its artifacts and metrics
+    describe: str
+
+
+class Run:
+    """One pipeline run: the config, the run folder and the artifacts of finished stages."""
+
+    def __init__(self, config: dict[str, Any], out: Path, repo: Path) -> None:
+        self.config, self.out, self.repo = config, out.resolve(), repo
+        self.artifacts: dict[str, dict[str, Any]] = {}
+
+    def stage_config(self, name: str) -> dict[str, Any]:
+        return self.config.get("stages", {}).get(name) or {}
+
+    def folder(self, name: str) -> Path:
+        path = self.out / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def artifact(self, stage: str, key: str) -> str:
+        return self.artifacts[stage][key]
+
+    def config_files(self, name: str) -> list[str]:
+        files = self.stage_config(name).get("config", [])
+        paths = [Path(f) if Path(f).is_absolute() else self.repo / f for f in ([files] if isinstance(files, str) else files)]
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"pipeline: stage {name}: config {path} not found")
+        return [str(path) for path in paths]
+
+    def base_config(self, name: str) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for path in self.config_files(name):
+            merged = _merge(merged, yaml.safe_load(Path(path).read_text()) or {})
+        return merged
+
+    def lightning(self, name: str, command: str, overlay: dict[str, Any], *args: str) -> None:
+        """``echo-lvdm <command>`` with the stage's configs, the overlay and the stage's own ``args``."""
+        from lightning_modules.cli import main
+
+        overlay_path = self.folder(name) / "pipeline.yaml"
+        overlay_path.write_text(yaml.safe_dump(overlay, sort_keys=False))
+        argv = [command, *sum((["--config", f] for f in self.config_files(name)), []), "--config", str(overlay_path),
+                *args, *map(str, self.stage_config(name).get("args", []))]
+        log.info("pipeline: echo-lvdm %s", " ".join(argv))
+        main(argv)
+
+    def plain(self, name: str, command: str, *args: str) -> None:
+        from lightning_modules.cli import main
+
+        argv = [command, *args, *map(str, self.stage_config(name).get("args", []))]
+        log.info("pipeline: echo-lvdm %s", " ".join(argv))
+        if main(argv) != 0:
+            raise RuntimeError(f"pipeline: stage {name}: `echo-lvdm {' '.join(argv)}` failed")
+
+    def fit(self, name: str, overlay: dict[str, Any], *args: str) -> dict[str, Any]:
+        """A fit whose logs and checkpoints live in ``DIR/<name>/``; resumes from a killed run's last.ckpt."""
+        folder = self.folder(name)
+        overlay = _merge({"trainer": {"default_root_dir": str(folder)}}, overlay)
+        resume = _newest(folder, "last.ckpt")
+        if resume is not None:
+            log.info("pipeline: %s resumes from %s", name, resume)
+        self.lightning(name, "fit", overlay, "--trainer.logger.init_args.save_dir", str(folder / "logs"),
+                       *args, *(["--ckpt_path", str(resume)] if resume is not None else []))
+        checkpoint = _newest(folder, "last.ckpt")
+        if checkpoint is None:
+            raise RuntimeError(f"pipeline: stage {name} wrote no last.ckpt under {folder}")
+        return {"checkpoint": str(checkpoint), "metrics": last_metrics(folder / "logs")}
+
+    def test(self, name: str, checkpoint: str, overlay: dict[str, Any], *args: str) -> dict[str, float]:
+        folder = self.folder(f"{name}_test")
+        self.lightning(name, "test", _merge({"trainer": {"default_root_dir": str(folder)}}, overlay),
+                       "--trainer.logger.init_args.save_dir", str(folder / "logs"), "--ckpt_path", checkpoint, *args)
+        return last_metrics(folder / "logs")
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+def stage_data(run: Run) -> dict[str, Any]:
+    data = run.config.get("data", {})
+    if "root" in data:
+        return {"root": str(Path(data["root"]).resolve())}
+    out = run.out / "data"
+    run.plain("data", "phantom", "--out", str(out), "--overwrite", *map(str, data.get("phantom", [])))
+    return {"root": str(out)}
+
+
+def stage_vae(run: Run) -> dict[str, Any]:
+    return run.fit("vae", {"data": {"root": run.artifact("data", "root")}})
+
+
+def stage_export(run: Run) -> dict[str, Any]:
+    out = run.out / "export" / "vae"
+    run.plain("export", "export-vae", "--checkpoint", run.artifact("vae", "checkpoint"), "--out", str(out))
+    return {"vae": str(out)}
+
+
+def stage_encode(run: Run) -> dict[str, Any]:
+    cache = run.out / "latents"
+    callbacks = _patched_callbacks(run.base_config("encode"), {"cache_dir": str(cache)})
+    run.lightning("encode", "predict", {"data": {"root": run.artifact("data", "root")},
+                                        "trainer": {"default_root_dir": str(run.folder("encode")),
+                                                    "callbacks": callbacks}},
+                  "--ckpt_path", run.artifact("vae", "checkpoint"))
+    return {"latent_dir": str(cache)}
+
+
+def _latent_data(run: Run) -> dict[str, Any]:
+    return {"data": {"root": run.artifact("data", "root"), "latent_dir": run.artifact("encode", "latent_dir")}}
+
+
+def stage_reid(run: Run) -> dict[str, Any]:
+    result = run.fit("reid", _latent_data(run))
+    result["metrics"].update(run.test("reid", result["checkpoint"], _latent_data(run)))
+    return result
+
+
+def stage_ef(run: Run) -> dict[str, Any]:
+    result = run.fit("ef", {"data": {"root": run.artifact("data", "root")}})
+    result["metrics"].update(run.test("ef", result["checkpoint"], {"data": {"root": run.artifact("data", "root")}}))
+    return result
+
+
+def stage_anatomy(run: Run) -> dict[str, Any]:
+    return run.fit("anatomy", _latent_data(run))
+
+
+def stage_video(run: Run) -> dict[str, Any]:
+    vae = run.artifact("export", "vae")
+    coverage = {"class_path": "callbacks.coverage.CoverageCallback",
+                "init_args": {"reid": run.artifact("reid", "checkpoint"), "ef_regressor": run.artifact("ef", "checkpoint"),
+                              "vae": vae, **run.stage_config("video").get("coverage", {})}}
+    callbacks = _patched_callbacks(run.base_config("video"), {"vae": vae}) + [coverage]
+    return run.fit("video", _merge(_latent_data(run), {"trainer": {"callbacks": callbacks}}))
+
+
+def stage_generate(run: Run) -> dict[str, Any]:
+    out = run.out / "synthetic"
+    writer = {"out": str(out), "reid": run.artifact("reid", "checkpoint"), "vae": run.artifact("export", "vae"),
+              "anatomy": run.artifact("anatomy", "checkpoint"), "cache_dir": str(run.folder("generate") / "reid_cache"),
+              **run.stage_config("generate").get("writer", {})}
+    callbacks = _patched_callbacks(run.base_config("generate"), writer)
+    overlay = {"data": {"root": run.artifact("data", "root"), "requests": run.stage_config("generate").get("requests", {})},
+               "trainer": {"default_root_dir": str(run.folder("generate")), "callbacks": callbacks}}
+    overlay["data"] = {key: value for key, value in overlay["data"].items() if value != {}}
+    run.lightning("generate", "predict", overlay, "--ckpt_path", run.artifact("video", "checkpoint"))
+    meta = json.loads((out / "dataset.json").read_text())
+    return {"synthetic": str(out), "metrics": {key: meta[key] for key in ("kept", "dropped", "surplus", "attempts")}}
+
+
+def stage_ef_synthetic(run: Run) -> dict[str, Any]:
+    data = {"data": {"root": run.artifact("data", "root"), "train_root": run.artifact("generate", "synthetic")}}
+    result = run.fit("ef_synthetic", data)
+    result["metrics"].update(run.test("ef_synthetic", result["checkpoint"], data))
+    return result
+
+
+def stage_evaluate(run: Run) -> dict[str, Any]:
+    out = run.out / "evaluation"
+    run.plain("evaluate", "evaluate", "--real", run.artifact("data", "root"), "--synthetic",
+              run.artifact("generate", "synthetic"), "--reid", run.artifact("reid", "checkpoint"),
+              "--ef", run.artifact("ef", "checkpoint"), "--vae", run.artifact("export", "vae"), "--out", str(out),
+              "--cache-dir", str(run.folder("evaluate") / "reid_cache"))
+    return {"report": str(out / "report.md"), "metrics": json.loads((out / "metrics.json").read_text())}
+
+
+STAGES = [
+    Stage("data", stage_data, "phantom dataset (or the given root)"),
+    Stage("vae", stage_vae, "VAE fit"),
+    Stage("export", stage_export, "VAE → diffusers folder"),
+    Stage("encode", stage_encode, "latent cache"),
+    Stage("reid", stage_reid, "re-ID fit, τ, test"),
+    Stage("ef", stage_ef, "EF regressor fit and test on real"),
+    Stage("anatomy", stage_anatomy, "anatomy (image) diffusion fit"),
+    Stage("video", stage_video, "video diffusion fit with coverage"),
+    Stage("generate", stage_generate, "privacy-filtered synthetic dataset"),
+    Stage("ef_synthetic", stage_ef_synthetic, "EF regressor on synthetic, tested on real"),
+    Stage("evaluate", stage_evaluate, "coverage report"),
+]
+
+
+# ------------------------------------------------------------------------------------------------------- running
+def run_pipeline(args: argparse.Namespace) -> int:
+    config = yaml.safe_load(args.config.read_text()) or {}
+    names = [stage.name for stage in STAGES]
+    for option in ("redo", "stop_after"):
+        if getattr(args, option) is not None and getattr(args, option) not in names:
+            raise ValueError(f"pipeline: --{option.replace('_', '-')} {getattr(args, option)!r} is not a stage; "
+                             f"stages: {', '.join(names)}")
+    unknown = set(config.get("stages", {})) - set(names)
+    if unknown:
+        raise ValueError(f"pipeline: {args.config}: unknown stage(s) {', '.join(sorted(unknown))}; "
+                         f"stages: {', '.join(names)}")
+    run = Run(config, args.out, repo=args.config.resolve().parents[2] if _in_configs(args.config) else Path.cwd())
+    redo = names.index(args.redo) if args.redo else len(names)
+    started = time.monotonic()
+    for number, stage in enumerate(STAGES, 1):
+        done = run.out / stage.name / "DONE.json"
+        prefix = f"[{number}/{len(STAGES)}] {stage.name:<12}"
+        if done.is_file() and number - 1 < redo:
+            run.artifacts[stage.name] = json.loads(done.read_text())
+            log.info("%s done earlier (%.0f s), skipped", prefix, run.artifacts[stage.name]["seconds"])
+        else:
+            log.info("%s %s …", prefix, stage.describe)
+            done.unlink(missing_ok=True)
+            begin = time.monotonic()
+            result = stage.run(run)
+            result["seconds"] = round(time.monotonic() - begin, 1)
+            _write_json(done, result)
+            run.artifacts[stage.name] = result
+            log.info("%s done in %.0f s", prefix, result["seconds"])
+        if stage.name == args.stop_after:
+            break
+    summary = summary_table(run)
+    _write_text(run.out / "summary.md", summary)
+    log.info("pipeline: finished in %.0f s (this run)\n\n%s", time.monotonic() - started, summary)
+    if "evaluate" in run.artifacts:
+        log.info("pipeline: the report is %s", run.artifacts["evaluate"]["report"])
+    return 0
+
+
+SUMMARY = [  # stage, metric, label
+    ("reid", "test/auc", "re-ID test AUC"), ("reid", "val/tau", "τ (privacy threshold)"),
+    ("ef", "test/r2", "EF R² (trained on real, tested on real)"), ("ef", "test/mae", "EF MAE (real → real)"),
+    ("video", "val/loss", "video val/loss"), ("video", "val/coverage", "coverage during training (last validation)"),
+    ("video", "val/memorization_rate", "memorisation rate during training"),
+    ("generate", "kept", "synthetic videos kept"), ("generate", "dropped", "dropped by the privacy filter"),
+    ("ef_synthetic", "test/r2", "EF R² (trained on synthetic, tested on real)"),
+    ("ef_synthetic", "test/mae", "EF MAE (synthetic → real)"),
+    ("evaluate", "coverage", "coverage of the synthetic dataset"),
+    ("evaluate", "reference_coverage", "reference coverage (held-out real)"),
+    ("evaluate", "memorization_rate", "memorisation rate of the synthetic dataset"),
+    ("evaluate", "ef_r2", "EF faithfulness R² (requested vs read)"),
+]
+
+
+def summary_table(run: Run) -> str:
+    lines = ["| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {result.get('seconds', 0):.0f} |" for name, result in run.artifacts.items()]
+    lines += ["", "| measure | value |", "|---|---|"]
+    for stage, key, label in SUMMARY:
+        value = run.artifacts.get(stage, {}).get("metrics", {}).get(key)
+        if value is not None:
+            lines.append(f"| {label} | {value:.4g} |" if isinstance(value, float) else f"| {label} | {value} |")
+    return "\n".join(lines) + "\n"
+
+
+def last_metrics(log_dir: Path) -> dict[str, float]:
+    """The last logged value of every column of the newest metrics.csv under ``log_dir``."""
+    path = _newest(log_dir, "metrics.csv")
+    values: dict[str, float] = {}
+    if path is None:
+        return values
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            values.update({key: float(value) for key, value in row.items() if value not in ("", None)
+                           and key not in ("epoch", "step")})
+    return values
+
+
+def _patched_callbacks(config: dict[str, Any], init_args: dict[str, Any]) -> list[dict[str, Any]]:
+    """The config's callbacks with ``init_args`` set wherever a callback already has that argument."""
+    callbacks = []
+    for callback in config.get("trainer", {}).get("callbacks", []) or []:
+        args = dict(callback.get("init_args", {}))
+        args.update({key: value for key, value in init_args.items() if key in args
+                     or callback["class_path"].endswith("SyntheticDatasetWriter")})
+        callbacks.append({**callback, "init_args": args})
+    return callbacks
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def _newest(folder: Path, name: str) -> Path | None:
+    found = sorted(folder.rglob(name), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def _in_configs(path: Path) -> bool:
+    parents = path.resolve().parents
+    return len(parents) > 2 and parents[1].name == "configs"
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    from datamodules.video_io import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
