@@ -117,9 +117,9 @@ class SyntheticDatasetWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Here, not in setup: `predict --ckpt_path` loads the generator's weights (frame rate, clip length) after setup.
         datamodule = trainer.datamodule
-        self.fps = float(self.fps or getattr(pl_module, "train_fps"))
+        self.fps = float(self.fps or pl_module.train_fps)
         pl_module.predict_options = dict(self.sampling)
-        self.num_frames = int(self.sampling.get("num_frames") or getattr(pl_module, "train_num_frames"))
+        self.num_frames = int(self.sampling.get("num_frames") or pl_module.train_num_frames)
         if self.reid is not None:
             self.bank = self._embed_training_split(trainer, datamodule)
         self.split_plan = split_plan(self.splits, self.num_videos, self.requests.seed)

@@ -36,6 +36,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, help="resize frames to this before the VAE or a pixel re-ID")
     parser.add_argument("--clip-length", type=int, default=16, help="frames per video that are compared")
     parser.add_argument("--period", type=int, default=1, help="take every n-th frame")
+    parser.add_argument("--fps", type=float, help="instead of --period, resample every video to this frame rate: "
+                        "real and synthetic videos at different rates then show the same time span")
     parser.add_argument("--ef-size", type=int, help="frame size the EF regressor was trained on")
     parser.add_argument("--k", type=int, default=5, help="neighbours of density and PRDC coverage")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -99,7 +101,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     vae = load_frozen_vae(args.vae).to(args.device) if args.vae is not None else None
     model = EncodedReID(reid, vae if latent_reid else None)
     channels = int(vae.config.in_channels) if latent_reid else int(reid.hparams.in_channels)
-    options = dict(sampling="clip", clip_length=args.clip_length, period=args.period, pad="reflect",
+    options = dict(sampling="clip", clip_length=args.clip_length, period=args.period, fps=args.fps, pad="reflect",
                    channels=channels, size=args.size, batch_size=args.batch_size, num_workers=0)
     real = EchoNetDataModule(args.real, **options)
     synthetic = EchoNetDataModule(args.synthetic, predict_split="all", **options)

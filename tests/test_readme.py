@@ -17,4 +17,4 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci_lines = [line for line in (REPO / ".ci/run").read_text().splitlines() if line and not line.startswith("#")]
     assert install_and_test in ci_lines
     assert "pytest" in install_and_test
-    assert "echo-lvdm phantom" in install_and_run and "echo-lvdm inspect" in install_and_run
+    assert "echo-lvdm pipeline --config configs/pipeline/quickstart.yaml" in install_and_run
