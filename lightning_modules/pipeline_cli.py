@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class Stage:
     name: str
     run: Callable[[Run], dict[str, Any]]  # runs the stage; returns its artifacts and metrics
     describe: str
+    outputs: tuple[str, ...] = ()  # folders under the run folder besides <name>/ (removed by --redo)
 
 
 class Run:
@@ -209,14 +211,14 @@ STAGES = [
     Stage("data", stage_data, "phantom dataset (or the given root)"),
     Stage("vae", stage_vae, "VAE fit"),
     Stage("export", stage_export, "VAE → diffusers folder"),
-    Stage("encode", stage_encode, "latent cache"),
-    Stage("reid", stage_reid, "re-ID fit, τ, test"),
-    Stage("ef", stage_ef, "EF regressor fit and test on real"),
+    Stage("encode", stage_encode, "latent cache", ("latents",)),
+    Stage("reid", stage_reid, "re-ID fit, τ, test", ("reid_test",)),
+    Stage("ef", stage_ef, "EF regressor fit and test on real", ("ef_test",)),
     Stage("anatomy", stage_anatomy, "anatomy (image) diffusion fit"),
     Stage("video", stage_video, "video diffusion fit with coverage"),
-    Stage("generate", stage_generate, "privacy-filtered synthetic dataset"),
-    Stage("ef_synthetic", stage_ef_synthetic, "EF regressor on synthetic, tested on real"),
-    Stage("evaluate", stage_evaluate, "coverage report"),
+    Stage("generate", stage_generate, "privacy-filtered synthetic dataset", ("synthetic",)),
+    Stage("ef_synthetic", stage_ef_synthetic, "EF regressor on synthetic, tested on real", ("ef_synthetic_test",)),
+    Stage("evaluate", stage_evaluate, "coverage report", ("evaluation",)),
 ]
 
 
@@ -243,6 +245,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
             log.info("%s done earlier (%.0f s), skipped", prefix, run.artifacts[stage.name]["seconds"])
         else:
             log.info("%s %s …", prefix, stage.describe)
+            if number - 1 >= redo:  # from scratch: a fit must not resume from the last run's checkpoint
+                for folder in (stage.name, *stage.outputs):
+                    shutil.rmtree(run.out / folder, ignore_errors=True)
             done.unlink(missing_ok=True)
             begin = time.monotonic()
             result = stage.run(run)

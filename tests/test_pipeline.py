@@ -60,9 +60,11 @@ def test_stages_pass_artifacts_and_finished_stages_are_skipped(tmp_path, caplog)
     assert pipeline(config, out) == 0
     assert caplog.text.count("skipped") == 4 and "VAE fit …" not in caplog.text
     assert stamps == {stage: (out / stage / "DONE.json").stat().st_mtime_ns for stage in stamps}
+    encoded = {path.name: path.stat().st_mtime_ns for path in latents}
     caplog.clear()
-    assert pipeline(config, out, "--redo", "export") == 0  # export and encode again, the rest kept
+    assert pipeline(config, out, "--redo", "export") == 0  # export and encode again, from scratch; the rest kept
     assert caplog.text.count("skipped") == 2
+    assert all(path.stat().st_mtime_ns > encoded[path.name] for path in latents)
     assert (out / "vae" / "DONE.json").stat().st_mtime_ns == stamps["vae"]
     assert (out / "encode" / "DONE.json").stat().st_mtime_ns > stamps["encode"]
     with pytest.raises(ValueError, match="'nope' is not a stage"):
