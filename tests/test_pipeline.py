@@ -89,3 +89,27 @@ def test_killed_pipeline_resumes_without_redoing_finished_stages(tmp_path):
     checkpoint = torch.load(done(out, "vae")["checkpoint"], map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 5 and checkpoint["global_step"] == 6  # every epoch once: 6 × 1 batch
     assert len(list(Path(done(out, "encode")["latent_dir"]).glob("*.safetensors"))) == 6
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs/pipeline").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_stage_of_a_pipeline_config_resolves(capsys, monkeypatch, config):
+    """Each stage's configs exist and, stacked with the stage's own args, resolve under `--print_config`."""
+    monkeypatch.setattr(sys, "argv", ["echo-lvdm"])
+    stages = yaml.safe_load(config.read_text())["stages"]
+    resolved = 0
+    for name, stage in stages.items():
+        files = (stage or {}).get("config", [])
+        files = [files] if isinstance(files, str) else files
+        if not files:
+            continue
+        predicts = any("return_predictions" in yaml.safe_load((REPO / f).read_text()) for f in files)
+        command = "predict" if predicts else "fit"
+        argv = [command, *sum((["--config", str(REPO / f)] for f in files), []), *map(str, stage.get("args", [])),
+                "--print_config"]
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 0, f"stage {name}: {capsys.readouterr().err}"
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["class_path"], name
+        resolved += 1
+    assert resolved >= 8  # vae, encode, reid, ef, anatomy, video, generate, ef_synthetic
