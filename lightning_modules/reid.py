@@ -21,6 +21,7 @@ from lightning_modules.reid_search import (
     NEGATIVE,
     SAME_VIDEO,
     evaluation_pairs,
+    hardest_negatives,
     max_scores,
     pair_scores,
     privacy_threshold,
@@ -64,8 +65,12 @@ class ReIDModule(L.LightningModule):
             GroupNorm, which stays stable with patient-grouped batches where BatchNorm did not).
         layout_grid: ``0`` (off) or ``G``: add to the ResNet's output a linear map of the normalised frame
             average-pooled to ``G × G`` cells. The ResNet ends in global average pooling, which discards *where*
-            things are; on the phantom the layout is most of the identity (an untrained L1 distance between
-            normalised latent frames reaches test AUC 0.99, the small latent ResNet alone 0.80 on 96 patients).
+            things are; on the phantom the layout is most of the identity (on a 96-patient phantom the small latent
+            ResNet reached test AUC 0.83 without it, 0.90–0.97 with it).
+        hard_negatives: share of the training negatives (0–1) replaced by the anchor's hardest in-batch negative —
+            the other patient's frame the head currently scores highest — instead of a random one. Random negatives
+            are mostly easy; the held-out errors are look-alike patients (on a 96-patient phantom, 1.0 with batch 32
+            raised test AUC from 0.90–0.97 to 0.996–0.999).
         lr, weight_decay: AdamW. lr_schedule: ``"cosine"`` decays to 0 over the run after a linear warm-up of
             ``warmup_fraction`` of the steps (the held-out AUC of a constant rate kept swinging by ±0.1 between
             epochs on the phantom); ``"constant"``.
@@ -86,6 +91,7 @@ class ReIDModule(L.LightningModule):
         norm: NormKind = "group",
         normalize: Literal["frame_minmax", "none"] = "frame_minmax",
         layout_grid: int = 0,
+        hard_negatives: float = 0.0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
@@ -103,6 +109,8 @@ class ReIDModule(L.LightningModule):
             raise ValueError(f"quantile must be in (0, 1], got {quantile}")
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        if not 0.0 <= hard_negatives <= 1.0:
+            raise ValueError(f"hard_negatives must be in [0, 1], got {hard_negatives}")
         if layout_grid < 0:
             raise ValueError(f"layout_grid must be ≥ 0 (0 = off), got {layout_grid}")
         self.encoder = ResNetEncoder(in_channels, layers=tuple(layers), block=block, width=width, stem=stem,
@@ -207,6 +215,8 @@ class ReIDModule(L.LightningModule):
             raise ValueError("a re-ID batch needs items of ≥ 2 patients and data.num_frames ≥ 2 (or several videos "
                              f"per patient) to form pairs; got patients {batch['patient'].tolist()}")
         embedding = self.embed_videos(video)
+        if self.hparams.hard_negatives > 0:
+            second = self._harden(embedding, batch["patient"], first, second, label, generator)
         label = label.to(embedding)
         logits = self.score(embedding[first[:, 0], first[:, 1]], embedding[second[:, 0], second[:, 1]])
         loss = F.binary_cross_entropy_with_logits(logits, label)
@@ -214,6 +224,20 @@ class ReIDModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(label))
         self.log("train/acc", self.train_accuracy, batch_size=len(label))
         return loss
+
+    def _harden(self, embedding: torch.Tensor, patient: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
+                label: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``second`` with a ``hard_negatives`` share of the negatives replaced by the anchor's hardest in-batch
+        negative under the current weights (chosen without gradient)."""
+        negative = (label == 0).nonzero().flatten()
+        chosen = negative[torch.rand(len(negative), generator=generator) < self.hparams.hard_negatives]
+        if len(chosen) == 0:
+            return second
+        second = second.clone()
+        with torch.no_grad():
+            second[chosen] = hardest_negatives(embedding, patient, first[chosen].to(embedding.device),
+                                               self.head.weight, self.head.bias)
+        return second
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         self.collectors[stage].update(batch["index"], embedding=self.embed_videos(batch["video"]),

@@ -98,6 +98,21 @@ def training_pairs(patient: torch.Tensor, index: torch.Tensor, num_frames: int, 
     return _as_pairs(positives[:count], negatives[:count])
 
 
+def hardest_negatives(embedding: torch.Tensor, patient: torch.Tensor, anchors: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor) -> torch.Tensor:
+    """The hardest in-batch negative of each anchor: among the frames of the batch's embeddings ``(B, F, D)`` that
+    belong to another patient, the one the head scores highest against the anchor. ``anchors`` ``(N, 2)`` and the
+    result ``(N, 2)`` are (item, frame); ties go to the lowest item, then frame. Every anchor needs another patient
+    in the batch (:func:`training_pairs` only makes negatives when there is one)."""
+    frames = embedding.shape[1]
+    flat = embedding.flatten(0, 1)
+    scores = (embedding[anchors[:, 0], anchors[:, 1]][:, None] - flat[None]).abs() @ weight.reshape(-1) + bias.reshape(())
+    owner = patient.to(scores.device).repeat_interleave(frames)
+    scores = scores.masked_fill(owner[None] == owner[anchors[:, 0] * frames][:, None], -torch.inf)
+    best = scores.argmax(dim=1).cpu()
+    return torch.stack([best // frames, best % frames], dim=1)
+
+
 # Kinds of evaluation pairs.
 NEGATIVE, SAME_VIDEO, CROSS_VIDEO = 0, 1, 2
 

@@ -25,6 +25,7 @@ from lightning_modules.reid_search import (
     NEGATIVE,
     SAME_VIDEO,
     evaluation_pairs,
+    hardest_negatives,
     max_scores,
     training_pairs,
 )
@@ -126,6 +127,32 @@ def test_training_pairs_prefer_other_videos_and_are_balanced():
                 assert b != a  # patients 7 and 9 have other videos in the batch
         else:
             assert patient[a] != patient[b]
+
+
+def test_hard_negatives_are_the_best_scoring_frames_of_other_patients():
+    torch.manual_seed(0)
+    patient, index = torch.tensor([7, 7, 8, 9, 9, 9]), torch.arange(6)
+    embedding, head = torch.rand(6, 3, 16), random_head(16, seed=1)
+    first, second, label = training_pairs(patient, index, num_frames=3, generator=torch.Generator().manual_seed(0))
+    negative = label == 0
+    hard = hardest_negatives(embedding, patient, first[negative], head.weight, head.bias)
+    for (a, fa), (b, fb) in zip(first[negative].tolist(), hard.tolist(), strict=True):  # oracle: every other frame
+        candidates = [(float(head((embedding[a, fa] - embedding[j, g]).abs())), j, g)
+                      for j in range(6) for g in range(3) if patient[j] != patient[a]]
+        best = max(score for score, _, _ in candidates)
+        assert patient[b] != patient[a]
+        assert float(head((embedding[a, fa] - embedding[b, fb]).abs())) == pytest.approx(best, abs=1e-6)
+
+    module = ReIDModule(**TINY, hard_negatives=1.0)
+    module.head = head
+    hardened = module._harden(embedding, patient, first, second, label, torch.Generator().manual_seed(0))
+    assert torch.equal(hardened[negative], hard) and torch.equal(hardened[~negative], second[~negative])
+    module.hparams.hard_negatives = 0.5  # about half of the 18 negatives, the positives untouched
+    hardened = module._harden(embedding, patient, first, second, label, torch.Generator().manual_seed(0))
+    replaced = (hardened != second).any(dim=1)
+    assert not replaced[~negative].any() and 3 <= int(replaced.sum()) <= 15
+    with pytest.raises(ValueError, match="hard_negatives"):
+        ReIDModule(**TINY, hard_negatives=1.5)
 
 
 def test_evaluation_pairs_are_fixed_and_cover_both_kinds():
