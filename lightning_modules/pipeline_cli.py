@@ -235,20 +235,21 @@ def run_pipeline(args: argparse.Namespace) -> int:
         raise ValueError(f"pipeline: {args.config}: unknown stage(s) {', '.join(sorted(unknown))}; "
                          f"stages: {', '.join(names)}")
     run = Run(config, args.out, repo=args.config.resolve().parents[2] if _in_configs(args.config) else Path.cwd())
-    redo = names.index(args.redo) if args.redo else len(names)
+    if args.redo:
+        # From scratch, and up front: a fit must not resume from the last run's checkpoint, and a redo killed midway
+        # must not leave later stages' old results for the next run to skip.
+        for stage in STAGES[names.index(args.redo):]:
+            for folder in (stage.name, *stage.outputs):
+                shutil.rmtree(run.out / folder, ignore_errors=True)
     started = time.monotonic()
     for number, stage in enumerate(STAGES, 1):
         done = run.out / stage.name / "DONE.json"
         prefix = f"[{number}/{len(STAGES)}] {stage.name:<12}"
-        if done.is_file() and number - 1 < redo:
+        if done.is_file():
             run.artifacts[stage.name] = json.loads(done.read_text())
             log.info("%s done earlier (%.0f s), skipped", prefix, run.artifacts[stage.name]["seconds"])
         else:
             log.info("%s %s …", prefix, stage.describe)
-            if number - 1 >= redo:  # from scratch: a fit must not resume from the last run's checkpoint
-                for folder in (stage.name, *stage.outputs):
-                    shutil.rmtree(run.out / folder, ignore_errors=True)
-            done.unlink(missing_ok=True)
             begin = time.monotonic()
             result = stage.run(run)
             result["seconds"] = round(time.monotonic() - begin, 1)

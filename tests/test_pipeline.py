@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 from datamodules.latents import read_meta
+from lightning_modules import pipeline_cli
 from lightning_modules.cli import main
 from tests.conftest import kill_when
 
@@ -44,7 +46,7 @@ def done(out: Path, stage: str) -> dict:
     return json.loads((out / stage / "DONE.json").read_text())
 
 
-def test_stages_pass_artifacts_and_finished_stages_are_skipped(tmp_path, caplog):
+def test_stages_pass_artifacts_and_finished_stages_are_skipped(tmp_path, caplog, monkeypatch):
     config, out = tiny_config(tmp_path), tmp_path / "run"
     caplog.set_level(logging.INFO)
     assert pipeline(config, out) == 0
@@ -69,6 +71,21 @@ def test_stages_pass_artifacts_and_finished_stages_are_skipped(tmp_path, caplog)
     assert (out / "encode" / "DONE.json").stat().st_mtime_ns > stamps["encode"]
     with pytest.raises(ValueError, match="'nope' is not a stage"):
         pipeline(config, out, "--redo", "nope")
+
+    # A redo that dies inside its first stage leaves no later stage's old result behind to be skipped.
+    def dies(run):
+        raise KeyboardInterrupt
+
+    stages = pipeline_cli.STAGES
+    monkeypatch.setattr(pipeline_cli, "STAGES", [replace(s, run=dies) if s.name == "export" else s for s in stages])
+    with pytest.raises(KeyboardInterrupt):
+        pipeline(config, out, "--redo", "export")
+    assert not (out / "encode" / "DONE.json").exists() and not (out / "latents").exists()
+    monkeypatch.setattr(pipeline_cli, "STAGES", stages)
+    caplog.clear()
+    assert pipeline(config, out) == 0
+    assert caplog.text.count("skipped") == 2 and "latent cache …" in caplog.text
+    assert len(list(Path(done(out, "encode")["latent_dir"]).glob("*.safetensors"))) == 6
 
 
 def test_killed_pipeline_resumes_without_redoing_finished_stages(tmp_path):
