@@ -106,7 +106,7 @@ def hardest_negatives(embedding: torch.Tensor, patient: torch.Tensor, anchors: t
     in the batch (:func:`training_pairs` only makes negatives when there is one)."""
     frames = embedding.shape[1]
     flat = embedding.flatten(0, 1)
-    scores = (embedding[anchors[:, 0], anchors[:, 1]][:, None] - flat[None]).abs() @ weight.reshape(-1) + bias.reshape(())
+    scores = pair_scores(embedding[anchors[:, 0], anchors[:, 1]][:, None], flat[None], weight, bias)  # (N, B·F)
     owner = patient.to(scores.device).repeat_interleave(frames)
     scores = scores.masked_fill(owner[None] == owner[anchors[:, 0] * frames][:, None], -torch.inf)
     best = scores.argmax(dim=1).cpu()
