@@ -117,7 +117,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # LightningCLI reads sys.argv itself, and warns when also handed args, so pass them only from Python.
     cli = EchoLVDMCLI(args=None if from_command_line else argv)
     _finish_wandb_run(cli.trainer)
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """A DDP command's process group ends with the command. Lightning leaves it open, and a Gloo group left to the
+    interpreter's exit can abort the process after the work is done (SIGABRT, "terminate called without an active
+    exception"). Reached only when the command succeeded on this rank: other ranks may still wait on a failed one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _finish_wandb_run(trainer) -> None:
