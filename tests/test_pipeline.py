@@ -20,6 +20,7 @@ from datamodules.latents import read_meta
 from lightning_modules import pipeline_cli
 from lightning_modules.cli import main
 from tests.conftest import kill_when
+from tests.test_cli import print_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VAE_ARGS = ["--trainer.max_epochs", 2, "--trainer.limit_train_batches", 2, "--trainer.limit_val_batches", 2,
@@ -121,12 +122,8 @@ def test_every_stage_of_a_pipeline_config_resolves(capsys, monkeypatch, config):
             continue
         predicts = any("return_predictions" in yaml.safe_load((REPO / f).read_text()) for f in files)
         command = "predict" if predicts else "fit"
-        argv = [command, *sum((["--config", str(REPO / f)] for f in files), []), *map(str, stage.get("args", [])),
-                "--print_config"]
-        with pytest.raises(SystemExit) as exited:
-            main(argv)
-        assert exited.value.code == 0, f"stage {name}: {capsys.readouterr().err}"
-        printed = yaml.safe_load(capsys.readouterr().out)
+        printed = print_config(capsys, *sum((["--config", str(REPO / f)] for f in files), []),
+                               *map(str, stage.get("args", [])), subcommand=command)
         assert printed["model"]["class_path"], name
         resolved += 1
     assert resolved >= 8  # vae, encode, reid, ef, anatomy, video, generate, ef_synthetic

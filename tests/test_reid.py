@@ -137,9 +137,8 @@ def test_hard_negatives_are_the_best_scoring_frames_of_other_patients():
     negative = label == 0
     hard = hardest_negatives(embedding, patient, first[negative], head.weight, head.bias)
     for (a, fa), (b, fb) in zip(first[negative].tolist(), hard.tolist(), strict=True):  # oracle: every other frame
-        candidates = [(float(head((embedding[a, fa] - embedding[j, g]).abs())), j, g)
-                      for j in range(6) for g in range(3) if patient[j] != patient[a]]
-        best = max(score for score, _, _ in candidates)
+        best = max(float(head((embedding[a, fa] - embedding[j, g]).abs()))
+                   for j in range(6) for g in range(3) if patient[j] != patient[a])
         assert patient[b] != patient[a]
         assert float(head((embedding[a, fa] - embedding[b, fb]).abs())) == pytest.approx(best, abs=1e-6)
 
