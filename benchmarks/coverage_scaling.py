@@ -34,8 +34,8 @@ def run_size(size: int, bank_size: int, dim: int, frames: int, k: int, threads: 
     """Time one evaluation of ``size`` synthetic videos; puts ``({phase: seconds}, peak MiB above baseline)``."""
     import torch
 
-    from callbacks.coverage_metrics import hit_counts
-    from callbacks.reid_metrics import CoverageMetric, EmbeddingDistributionMetrics
+    from lightning_modules.metrics.functional import hit_counts
+    from lightning_modules.metrics.coverage import CoverageMetric, EmbeddingDistributionMetrics
     from lightning_modules.reid import ReIDModule
     from lightning_modules.reid_search import max_scores
 

@@ -1,18 +1,37 @@
-"""``Checkpoint``: Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` really is the last validated state."""
+"""``Checkpoint``: Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` really is the last validated state, and which
+writes a re-ID model's privacy threshold τ beside every checkpoint it saves."""
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from datamodules.video_io import atomic_output
+
+
+def calibration_path(checkpoint: str | Path) -> Path:
+    """``…/name.ckpt`` → ``…/name.tau.json``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}.tau.json")
+
 
 class Checkpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` with the pre-2.6 meaning of ``save_last=True``: ``last.ckpt`` is rewritten at every save
-    point (each epoch, or each validation), whether or not the monitored metric improved.
+    """``ModelCheckpoint`` with two additions; every other argument and behaviour is ``ModelCheckpoint``'s.
 
-    Since Lightning 2.6 ``last.ckpt`` is written only when a top-k checkpoint is saved at the same step, so with a
-    monitor it silently becomes a copy of the best checkpoint and ``--ckpt_path last.ckpt`` resumes from the past.
-    Every other argument and behaviour is ``ModelCheckpoint``'s.
+    * The pre-2.6 meaning of ``save_last=True``: ``last.ckpt`` is rewritten at every save point (each epoch, or each
+      validation), whether or not the monitored metric improved. Since Lightning 2.6 ``last.ckpt`` is written only
+      when a top-k checkpoint is saved at the same step, so with a monitor it silently becomes a copy of the best
+      checkpoint and ``--ckpt_path last.ckpt`` resumes from the past.
+    * A module with a ``calibration()`` (the re-ID model: :meth:`lightning_modules.reid.ReIDModule.calibration`) gets
+      a ``<name>.tau.json`` next to each checkpoint with τ, its quantile and the weights checksum — readable without
+      loading the checkpoint, e.g. by a data-release review. τ is ``null`` while the model is not calibrated. The JSON
+      goes away with its checkpoint.
+
+    ``echo-lvdm fit`` adds one to every run, configured under ``checkpoint:`` (``save_last: true`` there).
     """
 
     _last_saved_step: int | None = None
@@ -36,3 +55,20 @@ class Checkpoint(ModelCheckpoint):
         if self.save_last and self._last_saved_step != trainer.global_step and \
                 not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        module = trainer.lightning_module
+        if trainer.is_global_zero and hasattr(module, "calibration"):
+            info = module.calibration()
+            info = {key: None if isinstance(value, float) and math.isnan(value) else value
+                    for key, value in info.items()}
+            info["checkpoint"] = Path(filepath).name
+            info["epoch"], info["global_step"] = trainer.current_epoch, trainer.global_step
+            with atomic_output(calibration_path(filepath)) as tmp:
+                tmp.write_text(json.dumps(info, indent=2) + "\n")
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            calibration_path(filepath).unlink(missing_ok=True)

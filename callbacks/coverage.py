@@ -17,14 +17,13 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.coverage_figures import score_histogram
-from callbacks.coverage_metrics import hit_counts, temporal_consistency
-from callbacks.image_logging import log_image
-from callbacks.reid_metrics import CoverageMetric, EmbeddingDistributionMetrics, MeanPerVideo
-from callbacks.video_logging import decode_frames, load_frozen_vae
-from lightning_modules.components.ef_metrics import EFRegressionMetrics
 from lightning_modules.diffusion_sampling import SAMPLERS
+from lightning_modules.image_logging import log_image
+from lightning_modules.metrics import CoverageMetric, EFRegressionMetrics, EmbeddingDistributionMetrics, MeanPerVideo
+from lightning_modules.metrics.functional import hit_counts, temporal_consistency
 from lightning_modules.reid import NotCalibratedError, load_reid
 from lightning_modules.reid_embeddings import embed_split
+from lightning_modules.vae_utils import decode_frames, load_frozen_vae
 
 __all__ = ["CoverageCallback", "CoverageMeasures", "METRIC_NAMES"]
 

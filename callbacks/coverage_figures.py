@@ -1,5 +1,5 @@
 """Figures of the coverage measures, rendered off-screen by matplotlib into uint8 RGB arrays that
-:func:`callbacks.image_logging.log_image` logs and the ``evaluate`` report saves as PNG.
+:func:`lightning_modules.image_logging.log_image` logs and the ``evaluate`` report saves as PNG.
 
 Matplotlib's object API with the Agg canvas is used directly (no ``pyplot``): no global figure state, no GUI backend,
 safe in DDP workers and on headless clusters.

@@ -27,13 +27,14 @@ class LatentCacheWriter(BasePredictionWriter):
     Expects a module with a ``vae`` (diffusers ``AutoencoderKL``), a ``scaling_factor`` and a ``predict_step``
     returning ``{"index", "mean", "logvar"}`` — :class:`~lightning_modules.vae.VAEModule` — and the
     :class:`~datamodules.EchoNetDataModule` in pixel space with ``sampling: video`` and ``batch_size: 1``.
-    ``overwrite`` re-encodes every entry. After a run, ``encoded`` and ``up_to_date`` list FileNames (this rank's
-    encodes; the up-to-date ones are the same on every rank).
+    ``cache_dir`` defaults to the DataModule's ``latent_dir`` — where the data config says the cache is, and where
+    latent-space runs read it. ``overwrite`` re-encodes every entry. After a run, ``encoded`` and ``up_to_date`` list
+    FileNames (this rank's encodes; the up-to-date ones are the same on every rank).
     """
 
-    def __init__(self, cache_dir: str | Path, *, overwrite: bool = False) -> None:
+    def __init__(self, cache_dir: str | Path | None = None, *, overwrite: bool = False) -> None:
         super().__init__(write_interval="batch")
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.overwrite = overwrite
         self.encoded: list[str] = []
         self.up_to_date: list[str] = []
@@ -50,6 +51,11 @@ class LatentCacheWriter(BasePredictionWriter):
         if hp.space != "pixel" or hp.sampling != "video" or hp.batch_size != 1:
             raise ValueError("the latent cache encodes whole pixel videos: set data.space=pixel, "
                              "data.sampling=video and data.batch_size=1 (configs/vae_encode.yaml does)")
+        if self.cache_dir is None:
+            if hp.latent_dir is None:
+                raise ValueError("LatentCacheWriter: no cache folder: set data.latent_dir (configs/data/*.yaml do) or "
+                                 "the callback's cache_dir")
+            self.cache_dir = Path(hp.latent_dir)
         split = hp.predict_split
         dataset = datamodule.datasets[split]
         self.checksum = checksum_of_weights(pl_module.vae)

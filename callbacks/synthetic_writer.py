@@ -134,9 +134,9 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                        + ("" if self.reid is None else f"; privacy filter τ = {self.tau:.4g}"))
 
     def _load_models(self, pl_module: L.LightningModule, device: torch.device) -> None:
-        from callbacks.video_logging import load_frozen_vae
+        from lightning_modules.vae_utils import load_frozen_vae
         from lightning_modules.diffusion import VideoDiffusionModule
-        from lightning_modules.evaluate_cli import EncodedReID
+        from lightning_modules.reid_embeddings import EncodedReID
         from lightning_modules.reid import NotCalibratedError, load_reid
 
         if self.vae_path is not None and self.vae is None:
@@ -264,7 +264,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             if isinstance(prediction, dict):
                 pixels = prediction["pixels"]
             else:
-                from callbacks.video_logging import decode_frames
+                from lightning_modules.vae_utils import decode_frames
 
                 if self.vae is None:
                     raise ValueError("SyntheticDatasetWriter: the generator returns latents; give vae: <exported VAE "

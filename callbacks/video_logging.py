@@ -4,7 +4,6 @@ decoded by the exported VAE, written as mp4 (PyAV) and logged to wandb by path, 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,41 +13,12 @@ from diffusers import AutoencoderKL
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks.image_logging import image_grid, log_folder, log_image, to_uint8
 from datamodules.video_io import write_video
 from lightning_modules.diffusion_sampling import SAMPLERS
+from lightning_modules.image_logging import image_grid, log_folder, log_image, to_uint8
+from lightning_modules.vae_utils import decode_frames, load_frozen_vae
 
-__all__ = ["VideoLogger", "decode_frames", "load_frozen_vae"]
-
-
-def load_frozen_vae(path: str | Path) -> AutoencoderKL:
-    """The exported autoencoder at ``path`` (an ``echo-lvdm export-vae`` folder), frozen: eval, no gradients.
-
-    Raises FileNotFoundError naming the folder when it is missing or not a diffusers folder, and ValueError when its
-    ``config.json`` has no ``scaling_factor`` (diffusers would silently fill in SD's 0.18215).
-    """
-    path = Path(path)
-    config = path / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"VideoLogger: VAE folder {path} {'has no config.json' if path.is_dir() else 'not found'}"
-                                "; write one with `echo-lvdm export-vae --checkpoint <vae.ckpt> --out <folder>`")
-    if "scaling_factor" not in json.loads(config.read_text()):
-        raise ValueError(f"VideoLogger: {config} has no scaling_factor; export the VAE with `echo-lvdm export-vae`, "
-                         "which records the factor its latents were scaled by")
-    vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)  # no accelerate needed
-    vae.eval().requires_grad_(False)
-    return vae
-
-
-@torch.no_grad()
-def decode_frames(vae: AutoencoderKL, latents: torch.Tensor, chunk_size: int = 32) -> torch.Tensor:
-    """Scaled latents ``(B, T, C, h, w)`` (as the diffusion model samples them) → float32 pixels ``(B, T, C', H, W)``
-    in the model range (about [-1, 1], not clamped), ``chunk_size`` frames at a time on the VAE's device."""
-    batch, time = latents.shape[:2]
-    scale = float(vae.config.scaling_factor)
-    chunks = [vae.decode(chunk.to(vae.device, vae.dtype) / scale).sample.float()
-              for chunk in latents.flatten(0, 1).split(chunk_size)]
-    return torch.cat(chunks).unflatten(0, (batch, time))
+__all__ = ["VideoLogger", "video_array"]
 
 
 def video_array(pixels: torch.Tensor):
@@ -66,9 +36,9 @@ class VideoLogger(L.Callback):
     * video models: ``<log_dir>/videos/val_ef<EF>_step<step>.mp4`` (H.264, at ``fps``, default the training clips'
       mean fps, which the model is also conditioned on); a wandb logger gets them as ``wandb.Video`` under
       ``val/samples`` (by path: no moviepy), other loggers (TensorBoard, CSV, none) keep the files and their paths are
-      printed. ``<log_dir>`` is the first logger's, as for :func:`~callbacks.image_logging.log_image`.
-    * ``val/sample_frames``, a picture through :func:`~callbacks.image_logging.log_image` (TensorBoard image, wandb
-      image or PNG): one row per EF with ``strip_frames`` evenly spaced frames.
+      printed. ``<log_dir>`` is the first logger's, as for :func:`~lightning_modules.image_logging.log_image`.
+    * ``val/sample_frames``, a picture through :func:`~lightning_modules.image_logging.log_image` (TensorBoard image,
+      wandb image or PNG): one row per EF with ``strip_frames`` evenly spaced frames.
     * image-mode (anatomy) models: only a ``val/samples`` picture, one frame per EF in a row — a one-frame mp4 shows
       nothing a PNG does not.
 

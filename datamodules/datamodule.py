@@ -25,6 +25,9 @@ from datamodules.requests import GenerationRequests, RequestDataset, padded_leng
 from datamodules.sampler import EpochSampler
 
 Split = Literal["train", "val", "test"]
+NO_ROOT = ("EchoNetDataModule: no dataset folder. Give --data.root DIR (or data.train_root / val_root / test_root), "
+           "or stack a data config before the model config: --config configs/data/phantom.yaml, or "
+           "configs/data/echonet_dynamic.yaml for the real dataset")
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
@@ -108,8 +111,11 @@ class EchoNetDataModule(L.LightningDataModule):
         if predict_split == "requests" and requests is None:
             raise ValueError("predict_split 'requests' needs data.requests (attempts, distribution, ef_range, seed)")
         if space == "latent" and latent_dir is None:
-            raise ValueError(f"space='latent' needs data.latent_dir (the cache written by: {ENCODE_COMMAND})")
+            raise ValueError(f"space='latent' needs data.latent_dir — a data config (configs/data/*.yaml) sets it, "
+                             f"or --data.latent_dir DIR — the cache written by: {ENCODE_COMMAND}")
         roots = {"train": train_root or root, "val": val_root or root, "test": test_root or root}
+        if not any(roots.values()):
+            raise ValueError(NO_ROOT)
         self.roots = {split: Path(path) if path is not None else None for split, path in roots.items()}
         self.datasets: dict[str, EchoNetVideoDataset] = {}
         self.skipped: dict[str, list[BadEntry]] = {}
@@ -141,8 +147,8 @@ class EchoNetDataModule(L.LightningDataModule):
             bad = [BadEntry(filelist, r.line, r.file_name, "latent cache", problem) for r, problem in problems]
             raise DataValidationError(
                 f"latent cache {hp.latent_dir} is missing or stale for {len(bad)} {split} video(s):\n{list_bad(bad)}\n"
-                f"Build or refresh it with: {ENCODE_COMMAND} (with the same data.root and the cache writer's "
-                f"cache_dir={hp.latent_dir}); up-to-date entries are skipped."
+                f"Build or refresh it with: {ENCODE_COMMAND} (with the same data.root and "
+                f"data.latent_dir={hp.latent_dir}); up-to-date entries are skipped."
             )
         options.pop("size")
         return EchoNetLatentDataset(records, hp.latent_dir, scaling_factor=scaling_factor,

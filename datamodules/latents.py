@@ -27,7 +27,8 @@ from datamodules.sampler import SampleKey
 from datamodules.video_io import atomic_output
 
 FORMAT_VERSION = "1"
-ENCODE_COMMAND = "echo-lvdm predict --config configs/vae_encode.yaml --ckpt_path <vae checkpoint>"
+ENCODE_COMMAND = ("echo-lvdm predict --config configs/data/<dataset>.yaml --config configs/vae_encode.yaml "
+                  "--ckpt_path <vae checkpoint>")
 
 
 @dataclass(frozen=True)

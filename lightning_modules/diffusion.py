@@ -14,7 +14,7 @@ from diffusers import DDPMScheduler, UNetSpatioTemporalConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from callbacks.metrics import IndexedCat
+from lightning_modules.metrics import IndexedCat
 from datamodules.sampler import global_seed
 from lightning_modules.components.ef_conditioning import EFConditioner
 from lightning_modules.diffusion_sampling import SAMPLERS, blend_windows, denoising_loop, make_sampler

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.clips import clip_indices
-from lightning_modules.components.ef_metrics import EFRegressionMetrics
+from lightning_modules.metrics import EFRegressionMetrics
 from lightning_modules.components.r2plus1d import R2Plus1D, load_torchvision_weights
 
 __all__ = ["EFRegressorModule"]

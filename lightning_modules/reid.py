@@ -13,7 +13,7 @@ from torch import nn
 from torchmetrics.classification import BinaryAccuracy
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 
-from callbacks.metrics import IndexedCat
+from lightning_modules.metrics import IndexedCat
 from lightning_modules.components.resnet import BlockKind, NormKind, ResNetEncoder, StemKind
 from lightning_modules.reid_embeddings import EmbeddedSplit, embed_split
 from lightning_modules.reid_search import (
@@ -56,7 +56,7 @@ class ReIDModule(L.LightningModule):
     τ (:func:`~lightning_modules.reid_search.privacy_threshold` at ``quantile``) is computed from the validation videos
     against it, so each checkpoint carries the τ of its own weights (``tau`` buffer, ``nan`` until calibrated);
     ``validate`` recalibrates on demand, ``test`` reports ``test/tau`` from the test split. A video's score against a
-    bank is the best over its frames and the bank's frames. :class:`callbacks.reid_checkpoint.CalibratedCheckpoint`
+    bank is the best over its frames and the bank's frames. The checkpoint callback of ``echo-lvdm fit``
     writes τ to a JSON next to each checkpoint.
 
     Args:

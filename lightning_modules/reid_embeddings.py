@@ -16,9 +16,11 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from callbacks.metrics import IndexedCat
 from datamodules.video_io import atomic_output
+from lightning_modules.metrics import IndexedCat
+from lightning_modules.vae_utils import checksum_of_weights
 
 # DataModule options that change which frames are embedded and how they look (batching and workers do not).
 _KEY_OPTIONS = ("sampling", "clip_length", "period", "fps", "num_frames", "pad", "channels", "size", "eval_seed",
@@ -36,6 +38,35 @@ class EmbeddedSplit:
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+class EncodedReID(nn.Module):
+    """A re-ID model that sees pixel videos through the VAE encoder when it works in latent space — the interface
+    :func:`embed_split` needs (``embed_videos``, ``weights_checksum``). ``vae``: a diffusers ``AutoencoderKL`` (the
+    exported VAE, :func:`~lightning_modules.vae_utils.load_frozen_vae`), or None for a re-ID model on pixels."""
+
+    def __init__(self, reid, vae=None) -> None:
+        super().__init__()
+        self.reid, self.vae = reid, vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.reid.device
+
+    def latents(self, video: torch.Tensor) -> torch.Tensor:
+        """Pixel videos ``(B, T, C, H, W)`` → scaled latents (the VAE's posterior mean × its scaling factor)."""
+        frames = video.flatten(0, 1).to(self.vae.device, self.vae.dtype)
+        mean = torch.cat([self.vae.encode(chunk).latent_dist.mean for chunk in frames.split(32)])
+        return (mean * float(self.vae.config.scaling_factor)).float().unflatten(0, video.shape[:2])
+
+    def embed_videos(self, video: torch.Tensor) -> torch.Tensor:
+        if self.vae is not None:
+            video = self.latents(video)
+        return self.reid.embed_videos(video.to(self.reid.device, self.reid.dtype))
+
+    def weights_checksum(self) -> str:
+        vae = "" if self.vae is None else checksum_of_weights(self.vae) + f"@{float(self.vae.config.scaling_factor)}"
+        return f"{self.reid.weights_checksum()}+{vae}"
 
 
 def cache_key(module, datamodule: L.LightningDataModule, split: str) -> str:

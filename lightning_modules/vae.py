@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from callbacks.image_logging import image_grid, log_image, to_uint8
+from lightning_modules.image_logging import image_grid, log_image, to_uint8
 from lightning_modules.components import NLayerDiscriminator, hinge_discriminator_loss, hinge_generator_loss
 from lightning_modules.vae_utils import checksum_of_weights, latent_stats, scale_from_stats
 

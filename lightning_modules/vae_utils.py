@@ -1,12 +1,19 @@
-"""Helpers of :mod:`lightning_modules.vae` without Lightning in them: latent statistics and the weights checksum."""
+"""Helpers of :mod:`lightning_modules.vae` without Lightning in them: latent statistics, the weights checksum, and the
+exported (diffusers) VAE that samplers, callbacks and commands decode and encode with."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # diffusers is imported where a VAE is loaded: the re-ID and EF modules do not need it
+    from diffusers import AutoencoderKL
 
 
 def latent_stats(latents: torch.Tensor) -> torch.Tensor:
@@ -47,3 +54,35 @@ def checksum_of_weights(module_or_state_dict: nn.Module | Mapping[str, torch.Ten
         digest.update(name.encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def load_frozen_vae(path: str | Path) -> AutoencoderKL:
+    """The exported autoencoder at ``path`` (an ``echo-lvdm export-vae`` folder), frozen: eval, no gradients.
+
+    Raises FileNotFoundError naming the folder when it is missing or not a diffusers folder, and ValueError when its
+    ``config.json`` has no ``scaling_factor`` (diffusers would silently fill in SD's 0.18215).
+    """
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"VAE folder {path} {'has no config.json' if path.is_dir() else 'not found'}"
+                                "; write one with `echo-lvdm export-vae --checkpoint <vae.ckpt> --out <folder>`")
+    if "scaling_factor" not in json.loads(config.read_text()):
+        raise ValueError(f"{config} has no scaling_factor; export the VAE with `echo-lvdm export-vae`, "
+                         "which records the factor its latents were scaled by")
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)  # no accelerate needed
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+@torch.no_grad()
+def decode_frames(vae: AutoencoderKL, latents: torch.Tensor, chunk_size: int = 32) -> torch.Tensor:
+    """Scaled latents ``(B, T, C, h, w)`` (as the diffusion model samples them) → float32 pixels ``(B, T, C', H, W)``
+    in the model range (about [-1, 1], not clamped), ``chunk_size`` frames at a time on the VAE's device."""
+    batch, time = latents.shape[:2]
+    scale = float(vae.config.scaling_factor)
+    chunks = [vae.decode(chunk.to(vae.device, vae.dtype) / scale).sample.float()
+              for chunk in latents.flatten(0, 1).split(chunk_size)]
+    return torch.cat(chunks).unflatten(0, (batch, time))

@@ -9,7 +9,7 @@ import pytest
 from datamodules.datamodule import EchoNetDataModule
 from datamodules.filelist import DataValidationError
 from datamodules.video_io import write_video
-from tests.conftest import counter_video, make_counter_folder, write_filelist
+from tests.helpers.data import counter_video, make_counter_folder, write_filelist
 
 
 @pytest.fixture

@@ -22,22 +22,12 @@ from datamodules.datamodule import EchoNetDataModule
 from lightning_modules.diffusion import VideoDiffusionModule
 from lightning_modules.ef_regressor import EFRegressorModule
 from lightning_modules.reid import NotCalibratedError, ReIDModule
-from tests.conftest import encode_tiny_latents, save_cli_checkpoint
-from tests.test_diffusion import TINY
-from tests.test_ef_regressor import TINY as TINY_EF
+from tests.helpers.cli import REPO
+from tests.helpers.data import encode_tiny_latents
+from tests.helpers.models import TINY_DIFFUSION, TINY_EF, distance_reid, save_cli_checkpoint
 
 FRAMES, LATENT = 4, 8
 STEPS = 2
-
-
-def distance_reid(seed: int = 0) -> ReIDModule:
-    """A small latent re-ID whose head scores −mean |a − b| (so an identical video scores highest)."""
-    torch.manual_seed(seed)
-    module = ReIDModule(in_channels=4, layers=[1], block="basic", width=8, embedding_dim=16, layout_grid=4)
-    with torch.no_grad():
-        module.head.weight.fill_(-1.0 / 16)
-        module.head.bias.zero_()
-    return module.eval()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +48,7 @@ def world(tmp_path_factory) -> SimpleNamespace:
     with torch.no_grad():
         regressor.network.fc.bias.fill_(50.0)
     torch.manual_seed(1)
-    diffusion = VideoDiffusionModule(**TINY, ema_decay=None)
+    diffusion = VideoDiffusionModule(**TINY_DIFFUSION, ema_decay=None)
     diffusion.train_num_frames.fill_(FRAMES)
     diffusion.train_fps.fill_(12.5)
     diffusion.latent_shape.copy_(torch.tensor([4, LATENT, LATENT]))
@@ -137,7 +127,7 @@ def test_validation_logs_each_metric_equal_to_an_independent_computation(world, 
 
 def test_every_validation_of_a_fit_is_measured_but_not_the_sanity_check(world, tmp_path):
     torch.manual_seed(0)
-    module = VideoDiffusionModule(**TINY)
+    module = VideoDiffusionModule(**TINY_DIFFUSION)
     callback = CoverageCallback(str(world.reid_ckpt), max_samples=3, steps=STEPS, k=2, cache_dir=str(tmp_path / "cache"))
     trainer = L.Trainer(accelerator="cpu", logger=CSVLogger(tmp_path, name="run"), callbacks=[callback],
                         max_epochs=2, limit_train_batches=2, num_sanity_val_steps=1, enable_checkpointing=False,
@@ -196,7 +186,7 @@ def test_ddp_validation_with_the_callback_logs_the_values_of_one_process(world, 
                    "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.enable_progress_bar", "false",
                    "--trainer.default_root_dir", str(log_dir), "--trainer.logger.init_args.save_dir", str(log_dir),
                    "--ckpt_path", str(world.lvdm_ckpt)]
-        result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                                 env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         (row,) = logged_rows(log_dir)

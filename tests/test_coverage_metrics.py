@@ -9,7 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from callbacks.coverage_metrics import (
+from lightning_modules.metrics.functional import (
     coverage_fraction,
     density_and_coverage,
     frechet_distance,
@@ -101,7 +101,7 @@ def test_temporal_consistency_equals_brute_force():
 def test_metric_classes_count_each_video_once():
     """Batches as two DDP ranks would see 7 videos: padded to 8 with a repeat of video 0 — the torchmetrics classes
     equal the functions on the 7 distinct videos."""
-    from callbacks.reid_metrics import CoverageMetric, EmbeddingDistributionMetrics, MeanPerVideo
+    from lightning_modules.metrics.coverage import CoverageMetric, EmbeddingDistributionMetrics, MeanPerVideo
 
     generator = torch.Generator().manual_seed(4)
     score, match = torch.randn(7, generator=generator), torch.tensor([3, 3, 1, 0, 5, 3, 2])

@@ -12,7 +12,7 @@ from datamodules.clips import clip_indices, max_clip_start
 from datamodules.datamodule import EchoNetDataModule
 from datamodules.dataset import patient_id
 from datamodules.video_io import write_video
-from tests.conftest import make_counter_folder, write_filelist
+from tests.helpers.data import make_counter_folder, write_filelist
 
 
 def filelist(root: Path) -> dict[str, dict[str, str]]:

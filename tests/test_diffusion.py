@@ -16,12 +16,9 @@ from datamodules.datamodule import EchoNetDataModule
 from lightning_modules.diffusion import VideoDiffusionModule
 from lightning_modules.diffusion_sampling import blend_windows, denoising_loop, make_sampler, window_starts
 from lightning_modules.vae import VAEModule
-from tests.conftest import encode_tiny_latents, save_cli_checkpoint
-from tests.test_latent_cache import TINY_VAE
-
-TINY = dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=32, cross_attention_dim=32,
-            addition_time_embed_dim=8, warmup_steps=0, lr=1e-3)
-
+from tests.helpers.cli import REPO
+from tests.helpers.data import encode_tiny_latents
+from tests.helpers.models import TINY_DIFFUSION, TINY_VAE, save_cli_checkpoint
 
 def contract_batch(batch_size: int, frames: int, size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     """A latent batch of the shared contract; each video's frames differ, EFs are distinct."""
@@ -51,7 +48,7 @@ def pinned_global_seed(monkeypatch):
 # ---------------------------------------------------------------------------------------- guidance dropout
 def test_guidance_dropout_replaces_conditions_in_training_batches():
     torch.manual_seed(0)
-    module = VideoDiffusionModule(**TINY, ef_dropout=0.5, reference_dropout=0.25)
+    module = VideoDiffusionModule(**TINY_DIFFUSION, ef_dropout=0.5, reference_dropout=0.25)
     calls = capture_unet_inputs(module)
     batch = contract_batch(32, 3)
     module._shared_step(batch, "train")
@@ -75,11 +72,11 @@ def test_guidance_dropout_replaces_conditions_in_training_batches():
     # Evaluation never drops; without dropout training never does; an unconditional model always does.
     module._shared_step(batch, "val")
     assert not (calls[-1][1] == null).all(dim=-1).any() and not (calls[-1][0][:, :, 4:] == 0).all()
-    never = VideoDiffusionModule(**TINY, ef_dropout=0.0)
+    never = VideoDiffusionModule(**TINY_DIFFUSION, ef_dropout=0.0)
     never_calls = capture_unet_inputs(never)
     never._shared_step(batch, "train")
     assert not (never_calls[-1][1] == never.conditioner.null).all(dim=-1).any()
-    unconditional = VideoDiffusionModule(**TINY, mode="image", reference_conditioning=False, ef_conditioning=False)
+    unconditional = VideoDiffusionModule(**TINY_DIFFUSION, mode="image", reference_conditioning=False, ef_conditioning=False)
     unconditional_calls = capture_unet_inputs(unconditional)
     unconditional._shared_step(batch, "train")
     assert (unconditional_calls[-1][1] == unconditional.conditioner.null).all()
@@ -87,7 +84,7 @@ def test_guidance_dropout_replaces_conditions_in_training_batches():
 
 def test_null_token_is_learned():
     torch.manual_seed(0)
-    module = VideoDiffusionModule(**TINY, ef_dropout=1.0)
+    module = VideoDiffusionModule(**TINY_DIFFUSION, ef_dropout=1.0)
     before = module.conditioner.null.detach().clone()
     optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
     module._shared_step(contract_batch(4, 3), "train").backward()
@@ -138,7 +135,7 @@ def trained_shape(module: VideoDiffusionModule, frames: int) -> VideoDiffusionMo
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++", "euler"])
 def test_windowed_sampling_blends_every_step(sampler):
     torch.manual_seed(0)
-    module = trained_shape(VideoDiffusionModule(**TINY, reference_dropout=1.0), frames=4)
+    module = trained_shape(VideoDiffusionModule(**TINY_DIFFUSION, reference_dropout=1.0), frames=4)
     lengths = stub_denoiser(module, frame_local=False)
     latents = module.sample(ef=[30.0, 70.0], num_frames=6, steps=4, scheduler=sampler, window=4, overlap=2,
                             generator=torch.Generator().manual_seed(1))
@@ -160,7 +157,7 @@ def test_video_twice_the_window_has_no_seam():
     """With a denoiser that treats every frame alike, a 16-frame video made of 8-frame windows equals the video made
     in one pass, at every frame: nothing marks where one window hands over to the next."""
     torch.manual_seed(0)
-    module = trained_shape(VideoDiffusionModule(**TINY, reference_dropout=1.0), frames=8)
+    module = trained_shape(VideoDiffusionModule(**TINY_DIFFUSION, reference_dropout=1.0), frames=8)
     lengths = stub_denoiser(module, frame_local=True)
     kwargs = dict(ef=50.0, batch_size=2, num_frames=16, steps=5, scheduler="dpm++")
     windowed = module.sample(**kwargs, window=8, overlap=4, generator=torch.Generator().manual_seed(3))
@@ -170,7 +167,7 @@ def test_video_twice_the_window_has_no_seam():
 
 
 def test_sample_validates_its_inputs():
-    module = VideoDiffusionModule(**TINY)
+    module = VideoDiffusionModule(**TINY_DIFFUSION)
     with pytest.raises(RuntimeError, match="trained model"):
         module.sample(ef=50.0, batch_size=1)
     trained_shape(module, frames=4)
@@ -179,7 +176,7 @@ def test_sample_validates_its_inputs():
     with pytest.raises(ValueError, match="2 samples requested"):
         module.sample(ef=[20.0, 50.0, 80.0], reference=torch.zeros(2, 4, 2, 2))
     with pytest.raises(ValueError, match="reference_conditioning: false"):
-        VideoDiffusionModule(**TINY, mode="image")
+        VideoDiffusionModule(**TINY_DIFFUSION, mode="image")
 
 
 # ------------------------------------------------------------------------------------- training on latents
@@ -226,7 +223,7 @@ def test_loss_falls_on_phantom_latents(latent_phantom, tmp_path, mode):
     torch.manual_seed(0)
     recorder = LossRecorder()
     image = mode == "image"
-    module = VideoDiffusionModule(**TINY, mode=mode, reference_conditioning=not image, ema_decay=None)
+    module = VideoDiffusionModule(**TINY_DIFFUSION, mode=mode, reference_conditioning=not image, ema_decay=None)
     datamodule = latent_datamodule(latent_phantom, **({"sampling": "frames", "num_frames": 4} if image else {}))
     trainer = quiet_trainer(tmp_path, max_steps=60, overfit_batches=1, callbacks=[recorder],
                             enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
@@ -246,7 +243,7 @@ def ema_differences(module: VideoDiffusionModule) -> float:
 
 def test_ema_differs_validates_and_is_restored_on_resume(latent_phantom, tmp_path):
     torch.manual_seed(0)
-    module = VideoDiffusionModule(**TINY, ema_decay=0.9)
+    module = VideoDiffusionModule(**TINY_DIFFUSION, ema_decay=0.9)
     datamodule = latent_datamodule(latent_phantom)
     checkpoint = Checkpoint(dirpath=tmp_path / "ckpt", save_last=True)
     # 4 training videos, batch 2, 2 micro-batches per optimizer step: one step per epoch, 3 steps.
@@ -260,7 +257,7 @@ def test_ema_differs_validates_and_is_restored_on_resume(latent_phantom, tmp_pat
     raw = [p.detach().clone() for p in module.denoiser_parameters()]
     ema_loss = trainer.validate(module, datamodule, verbose=False)[0]["val/loss"]
     assert all(torch.equal(p, r) for p, r in zip(module.denoiser_parameters(), raw))
-    as_plain = VideoDiffusionModule(**TINY, ema_decay=None)
+    as_plain = VideoDiffusionModule(**TINY_DIFFUSION, ema_decay=None)
     as_plain.load_state_dict(module.state_dict())
     raw_loss = quiet_trainer(tmp_path).validate(as_plain, datamodule, verbose=False)[0]["val/loss"]
     module.ema.copy_to(as_plain.denoiser_parameters())
@@ -279,7 +276,7 @@ def test_ema_differs_validates_and_is_restored_on_resume(latent_phantom, tmp_pat
     quiet_trainer(tmp_path, max_steps=2, enable_checkpointing=False, num_sanity_val_steps=0,
                   limit_val_batches=0).fit(loaded, latent_datamodule(latent_phantom))
     assert loaded.ema.optimization_step == 5
-    resumed = VideoDiffusionModule(**TINY, ema_decay=0.9)
+    resumed = VideoDiffusionModule(**TINY_DIFFUSION, ema_decay=0.9)
     trainer = quiet_trainer(tmp_path, max_epochs=4, accumulate_grad_batches=2, enable_checkpointing=False,
                             num_sanity_val_steps=0, limit_val_batches=0)
     before = [s.clone() for s in saved["ema"]["shadow_params"]]
@@ -306,7 +303,7 @@ def test_ddp_validation_loss_equals_one_process(tmp_path):
     root = generate_phantom(tmp_path / "data", patients=5, videos_per_patient=1, seed=4, size=32, frames=(12, 14),
                             split_fractions=(0.2, 0.6, 0.2))
     encode_tiny_latents(root, tmp_path / "latents")
-    module = trained_shape(VideoDiffusionModule(**TINY), frames=4)
+    module = trained_shape(VideoDiffusionModule(**TINY_DIFFUSION), frames=4)
     checkpoint = save_cli_checkpoint(module, tmp_path / "lvdm.ckpt")
     config = tmp_path / "validate.yaml"
     config.write_text("model:\n  class_path: lightning_modules.diffusion.VideoDiffusionModule\n"
@@ -322,7 +319,7 @@ def test_ddp_validation_loss_equals_one_process(tmp_path):
                    "ddp" if devices > 1 else "auto", "--trainer.enable_progress_bar", "false",
                    "--trainer.default_root_dir", str(log_dir), "--trainer.logger.init_args.save_dir", str(log_dir),
                    "--ckpt_path", str(checkpoint)]
-        result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                                 env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         rows = list(csv.DictReader(open(next(log_dir.rglob("metrics.csv")))))
@@ -341,7 +338,7 @@ def test_ddp_validation_loss_equals_one_process(tmp_path):
 def test_training_draws_are_keyed_by_seed_epoch_and_index(monkeypatch):
     """What the UNet sees of an item in training — noisy clip, timestep, reference frame, EF token — is a function of
     (seed, epoch, index): the same in another batch and under another global RNG state, new in another epoch."""
-    module = VideoDiffusionModule(**TINY, ef_dropout=0.5, reference_dropout=0.5)
+    module = VideoDiffusionModule(**TINY_DIFFUSION, ef_dropout=0.5, reference_dropout=0.5)
     calls: list[tuple[torch.Tensor, ...]] = []
     module.unet.register_forward_pre_hook(
         lambda _unet, args, kwargs: calls.append((args[0].clone(), args[1].clone(),
@@ -390,7 +387,7 @@ def tiny_fit(tmp_path_factory):
     assert splits.count("TRAIN") == TINY_FIT_TRAIN_VIDEOS  # a multiple of 2b: no DistributedSampler padding
     encode_tiny_latents(root, work / "latents")
     config = work / "fit.yaml"
-    model = {**TINY, "block_out_channels": list(TINY["block_out_channels"]), "ema_decay": 0.9, "ef_dropout": 0.5,
+    model = {**TINY_DIFFUSION, "block_out_channels": list(TINY_DIFFUSION["block_out_channels"]), "ema_decay": 0.9, "ef_dropout": 0.5,
              "reference_dropout": 0.5}
     config.write_text(yaml.safe_dump({
         "seed_everything": 0,
@@ -406,7 +403,7 @@ def tiny_fit(tmp_path_factory):
         if name not in checkpoints:
             command = [str(Path(sys.executable).with_name("echo-lvdm")), "fit", "--config", str(config),
                        "--trainer.default_root_dir", str(work / name), *args]
-            result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+            result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                                     env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
             assert result.returncode == 0, result.stderr[-3000:]
             checkpoints[name] = work / name / "checkpoints" / "last.ckpt"

@@ -17,18 +17,15 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from datamodules.datamodule import EchoNetDataModule
-from lightning_modules.cli import main
-from lightning_modules.components.ef_metrics import EFRegressionMetrics
+from echo_lvdm.main import main
+from lightning_modules.metrics import EFRegressionMetrics
 from lightning_modules.components.r2plus1d import R2Plus1D, load_torchvision_weights
 from lightning_modules.ef_regressor import EFRegressorModule
-from tests.conftest import make_counter_folder, save_cli_checkpoint, write_filelist
-from tests.test_cli import REPO, run_cli
+from tests.helpers.cli import REPO, run_cli
+from tests.helpers.data import make_counter_folder, write_filelist
+from tests.helpers.models import TINY_EF, save_cli_checkpoint
 
 # Two stages of one block (8 and 16 channels): a few epochs fit in the test budget on a CPU.
-TINY = dict(layers=[1, 1], width=8, stem_kernel=3, stem_stride=2, spatial_strides=[1, 2], temporal_strides=[1, 2],
-            optimizer="adamw", lr=3e-3, weight_decay=0.0, lr_step_period=None)
-
-
 # ------------------------------------------------------------------------------------------------ the network
 def torchvision_r2plus1d_18_shapes() -> dict[str, tuple[int, ...]]:
     """Every state-dict entry of torchvision's ``r2plus1d_18()`` (Kinetics head), written out from its source:
@@ -130,7 +127,7 @@ def test_all_clips_protocol_averages_every_clip(counter_folder, tmp_path):
     """Test videos V006 (45 frames, offset 6, EF 40) and V007 (20 frames, offset 7, EF 45), every 2nd frame: 23 and
     10 frames. A model trained on 12-frame clips, stride 2: V006 has clips at 0, 2, …, 10 with mean frame s + 5.5
     (source 2s + 11); V007 is one reflect-padded clip 0…9, 8, 7 (mean index 5, source 10)."""
-    module = EFRegressorModule(**TINY, test_clip_stride=2, clip_batch_size=4)  # chunks of 4 clips: 4 + 2 for V006
+    module = EFRegressorModule(**TINY_EF, test_clip_stride=2, clip_batch_size=4)  # chunks of 4 clips: 4 + 2 for V006
     module.network = ClipMeanGray()
     module.train_clip_length.fill_(12)
     predictions = np.array([6 + 3 * np.mean([2 * s + 11 for s in range(0, 11, 2)]), 7 + 3 * 10.0])
@@ -172,8 +169,8 @@ def test_train_on_folder_a_validate_and_test_on_folder_b(tmp_path, monkeypatch):
     ef_a = retarget_ef(folder_a, 20.0)
     ef_b = retarget_ef(folder_b, 70.0)
     common = [
+        "--config", str(REPO / "configs/data/synthetic_to_real.yaml"), "--config", str(REPO / "configs/ef_pixel.yaml"),
         "--config", str(REPO / "configs/ef_pixel_quickstart.yaml"),
-        "--config", str(REPO / "configs/ef_synthetic_to_real.yaml"),
         "--data.train_root", str(folder_a), "--data.root", str(folder_b), "--data.size", "16",
         "--data.clip_length", "4", "--data.period", "2", "--data.batch_size", "2", "--data.num_workers", "0",
         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
@@ -181,7 +178,7 @@ def test_train_on_folder_a_validate_and_test_on_folder_b(tmp_path, monkeypatch):
         "--trainer.default_root_dir", str(tmp_path / "run"),
         "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
     ]
-    model = [f"--model.{key}={value}" for key, value in TINY.items() if key != "lr_step_period"]
+    model = [f"--model.{key}={value}" for key, value in TINY_EF.items() if key != "lr_step_period"]
     assert main(["fit", *common, *model, "--trainer.max_epochs", "2"]) == 0
     checkpoint = next((tmp_path / "logs").rglob("last.ckpt"))
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
@@ -208,12 +205,13 @@ def test_ddp_test_counts_every_video_once(tmp_path):
     folder = make_counter_folder(tmp_path / "data", [("TEST", 24, 50.0, "A"), ("TEST", 20, 50.0, "B"),
                                                      ("TEST", 30, 50.0, "C")])
     torch.manual_seed(0)
-    module = EFRegressorModule(**TINY)
+    module = EFRegressorModule(**TINY_EF)
     with torch.no_grad():
         module.network.fc.weight.normal_(0.0, 5.0)  # predictions that differ from video to video
     checkpoint = save_cli_checkpoint(module, tmp_path / "ef.ckpt")
     result = run_cli(
-        "test", "--config", str(REPO / "configs/ef_pixel_quickstart.yaml"), "--data.root", str(folder),
+        "test", "--config", str(REPO / "configs/ef_pixel.yaml"), "--config", str(REPO / "configs/ef_pixel_quickstart.yaml"),
+        "--data.root", str(folder),
         "--data.size", "16", "--data.clip_length", "4", "--data.batch_size", "1", "--data.num_workers", "0",
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
@@ -264,7 +262,7 @@ def fitted(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Simp
     trainer = L.Trainer(accelerator="cpu", max_epochs=EPOCHS, overfit_batches=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
                         callbacks=[recorder, checkpoint], num_sanity_val_steps=0, check_val_every_n_epoch=EPOCHS)
-    module = EFRegressorModule(**{**TINY, "lr": 3e-2})
+    module = EFRegressorModule(**{**TINY_EF, "lr": 3e-2})
     datamodule = phantom_datamodule(phantom_root)
     trainer.fit(module, datamodule)
     return SimpleNamespace(module=module, datamodule=datamodule, recorder=recorder, root=root, trainer=trainer)
@@ -287,7 +285,7 @@ def test_output_bias_starts_at_training_mean_ef_and_survives_resume(fitted, phan
     trained_bias = fitted.module.network.fc.bias.item()
     assert trained_bias != pytest.approx(np.mean(train_efs), abs=1e-3)
     # Resuming restores the checkpoint's bias: setup's initialisation of a fresh module is overwritten, not kept.
-    resumed = EFRegressorModule(**TINY)
+    resumed = EFRegressorModule(**TINY_EF)
     trainer = L.Trainer(accelerator="cpu", max_epochs=EPOCHS, overfit_batches=1, logger=False,
                         enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path)
     trainer.fit(resumed, phantom_datamodule(phantom_root), ckpt_path=fitted.root / "ckpt" / "last.ckpt")

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from lightning_modules.cli import main
-from tests.conftest import PLANTED_CLIP, read_filelist, write_filelist
+from echo_lvdm.main import main
+from tests.helpers.data import PLANTED_CLIP, read_filelist, write_filelist
 
 CLIP = PLANTED_CLIP
 

@@ -18,11 +18,9 @@ from datamodules.filelist import DataValidationError
 from datamodules.latents import entry_path, read_frames, read_meta
 from lightning_modules.vae import VAEModule
 from lightning_modules.vae_utils import checksum_of_weights
-from tests.conftest import kill_when, save_cli_checkpoint
-
-TINY_VAE = dict(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
-                sample_size=32)
-
+from tests.helpers.cli import REPO
+from tests.helpers.models import TINY_VAE, save_cli_checkpoint
+from tests.helpers.processes import kill_when
 
 @pytest.fixture(scope="module")
 def small_phantom(tmp_path_factory):
@@ -132,7 +130,7 @@ def test_posterior_sampling_is_reproducible_and_scaled(small_phantom, vae, tmp_p
 def test_missing_or_stale_cache_is_a_clear_error(small_phantom, vae, tmp_path):
     cache = tmp_path / "latents"
     with pytest.raises(DataValidationError, match=r"(?s)no latent cache entry.*echo-lvdm predict --config "
-                                                  r"configs/vae_encode\.yaml"):
+                                                  r"configs/data/<dataset>\.yaml --config configs/vae_encode\.yaml"):
         EchoNetDataModule(small_phantom, space="latent", latent_dir=cache).setup("fit")
     encode(small_phantom, cache, vae)
     with pytest.raises(DataValidationError, match="encoded by another VAE"):
@@ -145,7 +143,7 @@ def test_killed_encode_leaves_no_partial_entry_and_resumes(small_phantom, tmp_pa
     slow = VAEModule(block_out_channels=(64, 128), layers_per_block=2, norm_num_groups=32, sample_size=32)
     checkpoint = save_cli_checkpoint(slow, tmp_path / "vae.ckpt")
     cache = tmp_path / "latents"
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     command = [str(Path(sys.executable).with_name("echo-lvdm")), "predict", "--config",
                str(repo / "configs/vae_encode.yaml"), "--data.root", str(small_phantom), "--data.num_workers", "0",
                "--trainer.callbacks.cache_dir", str(cache), "--trainer.default_root_dir", str(cache),
@@ -174,11 +172,11 @@ def test_ddp_encode_shards_without_duplicates_or_losses(small_phantom, tmp_path)
     vae = VAEModule(**TINY_VAE)
     checkpoint = save_cli_checkpoint(vae, tmp_path / "vae.ckpt")
     cache = tmp_path / "latents"
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     result = subprocess.run(
         [str(Path(sys.executable).with_name("echo-lvdm")), "predict", "--config", str(repo / "configs/vae_encode.yaml"),
-         "--data.root", str(small_phantom), "--data.num_workers", "0", "--trainer.callbacks.cache_dir", str(cache),
-         "--trainer.default_root_dir", str(cache), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+         "--data.root", str(small_phantom), "--data.latent_dir", str(cache), "--data.num_workers", "0",
+         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
          "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(checkpoint)],
         cwd=repo, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -192,7 +190,7 @@ def test_inspect_latent_space_and_export_vae_commands(small_phantom, vae, tmp_pa
 
     from diffusers import AutoencoderKL
 
-    from lightning_modules.cli import main
+    from echo_lvdm.main import main
 
     monkeypatch.setattr(sys, "argv", ["echo-lvdm"])
     cache = tmp_path / "latents"

@@ -1,5 +1,5 @@
-"""Dashboards: configs/logger/{wandb,tensorboard,csv}.yaml stacked after a model config replace its logger and keep its
-run name; a tiny VAE fit through the real CLI then leaves scalars, images and the resolved config in each of them
+"""Dashboards: configs/logger/{wandb,tensorboard,csv}.yaml stacked after a model config replace the default logger and
+write under the run folder (a wandb run is named after it); a tiny VAE fit through the real CLI then leaves scalars, images and the resolved config in each of them
 (wandb offline: no network, everything in the local run's transaction log), and the VideoLogger's mp4 reach wandb."""
 
 from __future__ import annotations
@@ -26,24 +26,21 @@ from PIL import Image
 from callbacks.config_logging import WANDB_CONFIG_FILE
 from callbacks.video_logging import VideoLogger
 from datamodules.video_io import probe_video
-from lightning_modules.cli import EchoLVDMCLI, main
+from echo_lvdm.lightning_cli import EchoLVDMCLI
+from echo_lvdm.main import main
 from lightning_modules.diffusion import VideoDiffusionModule
-from tests.test_cli import REPO
-from tests.test_video_logging import FPS, FRAMES, PIXELS, TINY, LatentClips, vae_folder  # noqa: F401 (fixture)
+from tests.helpers.cli import REPO, print_config
+from tests.helpers.models import TINY_DIFFUSION
+from tests.helpers.video import FPS, FRAMES, PIXELS, LatentClips
 
 LOGGERS = {"wandb": "WandbLogger", "tensorboard": "TensorBoardLogger", "csv": "CSVLogger"}
 SIZE, LOGGED_FRAMES = 32, 3  # the reconstruction picture: 2 rows (originals, reconstructions) × 3 frames of 32 px
 
 
-@pytest.fixture(autouse=True)
-def plain_argv(monkeypatch):
-    """main() is called with its own argv here; pytest's command line must not look like the CLI's."""
-    monkeypatch.setattr(sys, "argv", ["echo-lvdm"])
-
-
-def vae_fit_args(phantom: Path, out: Path, logger: str) -> list[str]:
-    """configs/vae_quickstart.yaml + configs/logger/<logger>.yaml, shrunk: 32 px, 2 training and 2 validation steps."""
-    return ["fit", "--config", str(REPO / "configs/vae_quickstart.yaml"),
+def vae_fit_args(phantom: Path, logger: str) -> list[str]:
+    """configs/vae.yaml + vae_quickstart.yaml + logger/<logger>.yaml, shrunk: 32 px, 2 training and 2 validation
+    steps; logs go where the config says, logs/vae_quickstart under the working directory."""
+    return ["fit", "--config", str(REPO / "configs/vae.yaml"), "--config", str(REPO / "configs/vae_quickstart.yaml"),
             "--config", str(REPO / f"configs/logger/{logger}.yaml"),
             "--data.root", str(phantom), "--data.size", str(SIZE), "--data.num_frames", "2", "--data.batch_size", "2",
             "--data.num_workers", "0", "--model.init_args.block_out_channels", "[32, 32]",
@@ -51,25 +48,23 @@ def vae_fit_args(phantom: Path, out: Path, logger: str) -> list[str]:
             "--model.init_args.num_logged_frames", str(LOGGED_FRAMES), "--trainer.accelerator", "cpu",
             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
             "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out)]
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
 # ------------------------------------------------------------------------------------------------- config stacking
-def print_config(capsys, *args: str) -> dict:
-    with pytest.raises(SystemExit) as exited:
-        main(["fit", *args, "--print_config"])
-    assert exited.value.code == 0
-    return yaml.safe_load(capsys.readouterr().out)
-
-
-def test_logger_configs_replace_the_logger_and_keep_the_run_name(capsys):
-    model = ["--config", str(REPO / "configs/lvdm_quickstart.yaml")]
+def test_logger_configs_replace_the_logger_and_write_under_the_run_folder(capsys, tmp_path):
+    model = ["--config", str(REPO / "configs/lvdm.yaml"), "--config", str(REPO / "configs/lvdm_quickstart.yaml")]
     for name, class_name in LOGGERS.items():
-        resolved = print_config(capsys, *model, "--config", str(REPO / f"configs/logger/{name}.yaml"))
-        logger = resolved["trainer"]["logger"]
-        assert logger["class_path"] == f"lightning.pytorch.loggers.{class_name}"
-        assert (logger["init_args"]["name"], logger["init_args"]["save_dir"]) == ("lvdm_quickstart", "logs")
+        config = ["--config", str(REPO / f"configs/logger/{name}.yaml")]
+        resolved = print_config(capsys, *model, *config)
+        assert resolved["trainer"]["logger"]["class_path"] == f"lightning.pytorch.loggers.{class_name}"
+        args = [*model, *config, "--data.root", str(tmp_path), "--data.latent_dir", str(tmp_path),
+                "--trainer.accelerator", "cpu"]
+        cli = EchoLVDMCLI(args=args, run=False)
+        logger = cli.trainer.logger
+        assert type(logger).__name__ == class_name and Path(logger.save_dir) == Path("logs/lvdm_quickstart")
+        run_name = cli.config.trainer.logger.init_args.name  # what the logger was built with
+        assert run_name == ("lvdm_quickstart" if name == "wandb" else "")  # wandb: the run folder's name
     wandb = print_config(capsys, *model, "--config", str(REPO / "configs/logger/wandb.yaml"),
                          "--trainer.logger.init_args.name", "ablation_7")["trainer"]["logger"]["init_args"]
     assert (wandb["name"], wandb["project"], wandb["offline"], wandb["log_model"]) == (
@@ -180,17 +175,18 @@ def finished_run(save_dir: Path, timeout: float = 30.0) -> tuple[Path, list]:
         time.sleep(0.1)
 
 
-def test_wandb_fit_is_offline_and_keeps_config_scalars_and_images(phantom_root, tmp_path, network):
+def test_wandb_fit_is_offline_and_keeps_config_scalars_and_images(phantom_root, tmp_path, network, monkeypatch):
     import wandb
 
-    out = tmp_path / "out"
-    assert main(vae_fit_args(phantom_root, out, "wandb")) == 0
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "logs" / "vae_quickstart"
+    assert main(vae_fit_args(phantom_root, "wandb")) == 0
     assert wandb.run is None, "main() must finish its wandb run"
 
     assert network.visits == 0 and network.outside_connections() == [], network.connections
     run_dir, records = finished_run(out)
     (run,) = by_type(records, "run")
-    assert (run.project, run.display_name) == ("echo-lvdm", "vae_quickstart")  # the model config's name
+    assert (run.project, run.display_name) == ("echo-lvdm", "vae_quickstart")  # the run folder's name
 
     # The resolved config, as config.yaml in the log dir has it, is the run's config and a file of the run.
     resolved = yaml.safe_load((out / "config.yaml").read_text())
@@ -222,7 +218,7 @@ def fit_video_logger(root: Path, logger, vae: Path) -> L.Trainer:
     trainer = L.Trainer(accelerator="cpu", logger=logger, max_epochs=1, callbacks=[callback],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         log_every_n_steps=1, num_sanity_val_steps=0, default_root_dir=root)
-    trainer.fit(VideoDiffusionModule(**TINY), LatentClips())
+    trainer.fit(VideoDiffusionModule(**{**TINY_DIFFUSION, "lr": 1e-2}), LatentClips())
     return trainer
 
 
@@ -245,12 +241,12 @@ def test_wandb_run_gets_the_video_logger_mp4(vae_folder, tmp_path, network):  # 
 
 
 # ---------------------------------------------------------------------------------------------------- TensorBoard
-def test_tensorboard_fit_keeps_scalars_image_and_config_text(phantom_root, tmp_path):
+def test_tensorboard_fit_keeps_scalars_image_and_config_text(phantom_root, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = tmp_path / "out"
-    trainer = EchoLVDMCLI(args=vae_fit_args(phantom_root, out, "tensorboard")).trainer
-    log_dir = out / "vae_quickstart" / "version_0"  # the model config's name
+    monkeypatch.chdir(tmp_path)
+    trainer = EchoLVDMCLI(args=vae_fit_args(phantom_root, "tensorboard")).trainer
+    log_dir = Path("logs/vae_quickstart/version_0")  # the model config's run folder
     assert isinstance(trainer.logger, TensorBoardLogger) and Path(trainer.logger.log_dir) == log_dir
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0}).Reload()
 
@@ -282,10 +278,10 @@ def test_tensorboard_run_keeps_video_logger_files_and_picture(vae_folder, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------------------- CSV
-def test_csv_fit_writes_metrics_config_and_png(phantom_root, tmp_path):
-    out = tmp_path / "out"
-    assert main(vae_fit_args(phantom_root, out, "csv")) == 0
-    log_dir = out / "vae_quickstart" / "version_0"
+def test_csv_fit_writes_metrics_config_and_png(phantom_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(vae_fit_args(phantom_root, "csv")) == 0
+    log_dir = tmp_path / "logs" / "vae_quickstart" / "version_0"
     header, *rows = (log_dir / "metrics.csv").read_text().splitlines()
     columns = header.split(",")
     assert {"train/loss", "val/psnr", "val/loss"} <= set(columns)

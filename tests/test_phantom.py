@@ -14,7 +14,8 @@ import pytest
 
 from datamodules.phantom import PhantomConfig, cm_per_pixel, describe_video, ef_from_tracings, generate_phantom
 from datamodules.phantom.anatomy import DEVICES, NEUTRAL_DEVICE
-from datamodules.phantom.generate import add_phantom_arguments, assign_splits, run_phantom, video_file_name
+from datamodules.phantom.generate import assign_splits, video_file_name
+from echo_lvdm import phantom as phantom_command
 from datamodules.phantom.render import sector_fields
 from datamodules.phantom.tracings import read_tracings
 from datamodules.video_io import probe_video, read_video
@@ -206,14 +207,14 @@ def test_output_guard_and_cli(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     with pytest.raises(FileExistsError, match=r"not empty.*overwrite"):
         generate_phantom(out, patients=1, videos_per_patient=1, size=32, frames=(8, 8))
     parser = argparse.ArgumentParser()
-    add_phantom_arguments(parser)
+    phantom_command.add_arguments(parser)
     argv = ["--out", str(out), "--patients", "3", "--videos-per-patient", "1", "--size", "32", "--frames", "8", "12",
             "--fps", "30", "--no-device-fingerprint"]
     with caplog.at_level(logging.INFO):
-        assert run_phantom(parser.parse_args(argv)) == 1
+        assert phantom_command.run(parser.parse_args(argv)) == 1
         assert "not empty" in caplog.text and str(out) in caplog.text
         caplog.clear()
-        assert run_phantom(parser.parse_args([*argv, "--overwrite"])) == 0
+        assert phantom_command.run(parser.parse_args([*argv, "--overwrite"])) == 0
     assert "3 videos of 3 patients" in caplog.text and len(caplog.records) == 1
     written = sorted(f"{r['FileName']}.avi" for r in _read_filelist(out))
     assert sorted(p.name for p in (out / "Videos").iterdir()) == written

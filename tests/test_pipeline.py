@@ -17,12 +17,11 @@ import torch
 import yaml
 
 from datamodules.latents import read_meta
-from lightning_modules import pipeline_cli
-from lightning_modules.cli import main
-from tests.conftest import kill_when
-from tests.test_cli import print_config
+import echo_lvdm.pipeline as pipeline_command
+from echo_lvdm.main import main
+from tests.helpers.cli import REPO, print_config
+from tests.helpers.processes import kill_when
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_VAE_ARGS = ["--trainer.max_epochs", 2, "--trainer.limit_train_batches", 2, "--trainer.limit_val_batches", 2,
                  "--data.size", 32, "--model.sample_size", 32, "--data.num_workers", 0,
                  "--trainer.enable_progress_bar", "false"]
@@ -31,7 +30,7 @@ TINY_VAE_ARGS = ["--trainer.max_epochs", 2, "--trainer.limit_train_batches", 2, 
 def tiny_config(tmp_path: Path, **vae: list) -> Path:
     config = {"data": {"phantom": ["--patients", 6, "--videos-per-patient", 1, "--seed", 2, "--size", 32,
                                    "--frames", 16, 20]},
-              "stages": {"vae": {"config": "configs/vae_quickstart.yaml", "args": vae.get("args", TINY_VAE_ARGS)},
+              "stages": {"vae": {"config": ["configs/vae.yaml", "configs/vae_quickstart.yaml"], "args": vae.get("args", TINY_VAE_ARGS)},
                          "encode": {"config": "configs/vae_encode.yaml",
                                     "args": ["--data.num_workers", 0, "--trainer.enable_progress_bar", "false"]}}}
     path = tmp_path / "pipeline.yaml"
@@ -77,12 +76,12 @@ def test_stages_pass_artifacts_and_finished_stages_are_skipped(tmp_path, caplog,
     def dies(run):
         raise KeyboardInterrupt
 
-    stages = pipeline_cli.STAGES
-    monkeypatch.setattr(pipeline_cli, "STAGES", [replace(s, run=dies) if s.name == "export" else s for s in stages])
+    stages = pipeline_command.STAGES
+    monkeypatch.setattr(pipeline_command, "STAGES", [replace(s, run=dies) if s.name == "export" else s for s in stages])
     with pytest.raises(KeyboardInterrupt):
         pipeline(config, out, "--redo", "export")
     assert not (out / "encode" / "DONE.json").exists() and not (out / "latents").exists()
-    monkeypatch.setattr(pipeline_cli, "STAGES", stages)
+    monkeypatch.setattr(pipeline_command, "STAGES", stages)
     caplog.clear()
     assert pipeline(config, out) == 0
     assert caplog.text.count("skipped") == 2 and "latent cache …" in caplog.text
@@ -93,7 +92,7 @@ def test_killed_pipeline_resumes_without_redoing_finished_stages(tmp_path):
     # A longer VAE fit, killed once its first epoch's last.ckpt exists.
     args = [*TINY_VAE_ARGS[:1], 6, *TINY_VAE_ARGS[2:]]
     config, out = tiny_config(tmp_path, args=args), tmp_path / "run"
-    command = [sys.executable, "-m", "lightning_modules.cli", "pipeline", "--config", str(config), "--out", str(out),
+    command = [sys.executable, "-m", "echo_lvdm", "pipeline", "--config", str(config), "--out", str(out),
                "--stop-after", "encode"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -123,7 +122,7 @@ def test_every_stage_of_a_pipeline_config_resolves(capsys, monkeypatch, config):
         predicts = any("return_predictions" in yaml.safe_load((REPO / f).read_text()) for f in files)
         command = "predict" if predicts else "fit"
         printed = print_config(capsys, *sum((["--config", str(REPO / f)] for f in files), []),
-                               *map(str, stage.get("args", [])), subcommand=command)
+                               *pipeline_command.as_arguments(stage.get("args", [])), subcommand=command)
         assert printed["model"]["class_path"], name
         resolved += 1
     assert resolved >= 8  # vae, encode, reid, ef, anatomy, video, generate, ef_synthetic

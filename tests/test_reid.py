@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks.metrics import IndexedCat
-from callbacks.reid_checkpoint import CalibratedCheckpoint
-from datamodules.datamodule import EchoNetDataModule
+from callbacks.checkpoint import Checkpoint
+from datamodules import EchoNetDataModule
 from datamodules.sampler import EpochSampler, interleave_for_ranks
+from lightning_modules.metrics import IndexedCat
 from lightning_modules.reid import NotCalibratedError, ReIDModule, load_reid
 from lightning_modules.reid_embeddings import EmbeddedSplit, embed_split
 from lightning_modules.reid_search import (
@@ -29,9 +29,8 @@ from lightning_modules.reid_search import (
     max_scores,
     training_pairs,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = dict(in_channels=1, layers=[1, 1], block="basic", width=8, stem="small", embedding_dim=16)
+from tests.helpers.cli import REPO
+from tests.helpers.models import TINY_REID
 
 
 def brute_force_best(queries: torch.Tensor, bank: torch.Tensor, head: torch.nn.Linear):
@@ -72,7 +71,7 @@ def test_search_rejects_mismatched_shapes():
 
 def test_tau_equals_brute_force_and_filter_refuses_without_it():
     torch.manual_seed(0)
-    module = ReIDModule(**TINY, quantile=0.9, search_max_elements=50).requires_grad_(False)
+    module = ReIDModule(**TINY_REID, quantile=0.9, search_max_elements=50).requires_grad_(False)
     generator = torch.Generator().manual_seed(1)
     heldout = EmbeddedSplit(torch.arange(11), torch.rand(11, 3, 16, generator=generator), torch.arange(11))
     bank = EmbeddedSplit(torch.arange(20), torch.rand(20, 2, 16, generator=generator), torch.arange(20))
@@ -100,7 +99,7 @@ def test_tau_equals_brute_force_and_filter_refuses_without_it():
 
 def test_layout_branch_adds_the_pooled_frame_and_enters_the_checksum():
     torch.manual_seed(0)
-    module = ReIDModule(**{**TINY, "in_channels": 4}, layout_grid=2).requires_grad_(False)
+    module = ReIDModule(**{**TINY_REID, "in_channels": 4}, layout_grid=2).requires_grad_(False)
     frames = torch.rand(3, 4, 8, 8)
     normalised = module.normalize(frames)
     cells = torch.nn.functional.adaptive_avg_pool2d(normalised, 2).flatten(1)  # (3, 4 · 2 · 2)
@@ -109,9 +108,9 @@ def test_layout_branch_adds_the_pooled_frame_and_enters_the_checksum():
     checksum = module.weights_checksum()
     module.layout.weight.add_(0.01)  # caches of embeddings must not survive a change of the layout weights
     assert module.weights_checksum() != checksum
-    assert ReIDModule(**TINY).layout is None  # off by default
+    assert ReIDModule(**TINY_REID).layout is None  # off by default
     with pytest.raises(ValueError, match="layout_grid"):
-        ReIDModule(**TINY, layout_grid=-1)
+        ReIDModule(**TINY_REID, layout_grid=-1)
 
 
 def test_training_pairs_prefer_other_videos_and_are_balanced():
@@ -142,7 +141,7 @@ def test_hard_negatives_are_the_best_scoring_frames_of_other_patients():
         assert patient[b] != patient[a]
         assert float(head((embedding[a, fa] - embedding[b, fb]).abs())) == pytest.approx(best, abs=1e-6)
 
-    module = ReIDModule(**TINY, hard_negatives=1.0)
+    module = ReIDModule(**TINY_REID, hard_negatives=1.0)
     module.head = head
     hardened = module._harden(embedding, patient, first, second, label, torch.Generator().manual_seed(0))
     assert torch.equal(hardened[negative], hard) and torch.equal(hardened[~negative], second[~negative])
@@ -151,7 +150,7 @@ def test_hard_negatives_are_the_best_scoring_frames_of_other_patients():
     replaced = (hardened != second).any(dim=1)
     assert not replaced[~negative].any() and 3 <= int(replaced.sum()) <= 15
     with pytest.raises(ValueError, match="hard_negatives"):
-        ReIDModule(**TINY, hard_negatives=1.5)
+        ReIDModule(**TINY_REID, hard_negatives=1.5)
 
 
 def test_evaluation_pairs_are_fixed_and_cover_both_kinds():
@@ -204,7 +203,7 @@ def trained(tmp_path_factory):
     epochs = 15
     module = ReIDModule(in_channels=1, layers=[1, 1], block="basic", width=16, stem="small", lr=3e-3,
                         lr_schedule="constant", calibrate_every_n_epochs=epochs)
-    checkpoint = CalibratedCheckpoint(dirpath=out / "checkpoints", save_last=True, monitor="val/auc", mode="max")
+    checkpoint = Checkpoint(dirpath=out / "checkpoints", save_last=True, monitor="val/auc", mode="max")
     logger = L.pytorch.loggers.CSVLogger(out, name="log")
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=logger, callbacks=[checkpoint],
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
@@ -274,8 +273,9 @@ def test_ddp_validation_equals_one_process(trained, tmp_path):
     results = {}
     for devices in (1, 2):
         log_dir = tmp_path / f"devices{devices}"
-        command = [str(Path(sys.executable).with_name("echo-lvdm")), "validate", "--config",
-                   str(REPO / "configs/reid_pixel_quickstart.yaml"), "--data.root", str(dm.roots["val"]),
+        command = [str(Path(sys.executable).with_name("echo-lvdm")), "validate",
+                   "--config", str(REPO / "configs/reid_pixel.yaml"),
+                   "--config", str(REPO / "configs/reid_pixel_quickstart.yaml"), "--data.root", str(dm.roots["val"]),
                    "--data.size", "32", "--data.num_frames", "3", "--data.batch_size", "3", "--data.num_workers", "0",
                    "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy",
                    "ddp" if devices > 1 else "auto", "--trainer.enable_progress_bar", "false",

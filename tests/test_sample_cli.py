@@ -9,18 +9,18 @@ import logging
 import pytest
 import torch
 
-from callbacks.video_logging import decode_frames, load_frozen_vae
+from lightning_modules.vae_utils import decode_frames, load_frozen_vae
 from datamodules.video_io import probe_video
-from lightning_modules.cli import main
+from echo_lvdm.main import main
 from lightning_modules.diffusion import VideoDiffusionModule
 from lightning_modules.ef_regressor import EFRegressorModule
-from tests.conftest import save_cli_checkpoint
-from tests.test_video_logging import FRAMES, LATENT, PIXELS, TINY, vae_folder  # noqa: F401  (fixture)
+from tests.helpers.models import TINY_DIFFUSION, save_cli_checkpoint
+from tests.helpers.video import FRAMES, LATENT, PIXELS
 
 
 def test_sample_writes_videos_and_reads_ef_back(vae_folder, tmp_path, caplog):  # noqa: F811
     torch.manual_seed(0)
-    diffusion = VideoDiffusionModule(**TINY, reference_dropout=1.0)
+    diffusion = VideoDiffusionModule(**TINY_DIFFUSION, reference_dropout=1.0)
     diffusion.train_num_frames.fill_(FRAMES)
     diffusion.train_fps.fill_(12.5)
     diffusion.latent_shape.copy_(torch.tensor([4, LATENT, LATENT]))
@@ -58,8 +58,8 @@ def test_sample_writes_videos_and_reads_ef_back(vae_folder, tmp_path, caplog):  
 
 def test_sample_takes_reference_frames_from_the_anatomy_model(vae_folder, tmp_path):  # noqa: F811
     torch.manual_seed(0)
-    diffusion = VideoDiffusionModule(**TINY)  # always trained with a reference: it needs one
-    anatomy = VideoDiffusionModule(**TINY, mode="image", reference_conditioning=False)
+    diffusion = VideoDiffusionModule(**TINY_DIFFUSION)  # always trained with a reference: it needs one
+    anatomy = VideoDiffusionModule(**TINY_DIFFUSION, mode="image", reference_conditioning=False)
     for module, frames in ((diffusion, FRAMES), (anatomy, 1)):
         module.train_num_frames.fill_(frames)
         module.train_fps.fill_(12.5)
@@ -82,7 +82,7 @@ def test_sample_takes_reference_frames_from_the_anatomy_model(vae_folder, tmp_pa
 
 
 def test_sample_refuses_an_anatomy_model_as_video_model(vae_folder, tmp_path):  # noqa: F811
-    anatomy = VideoDiffusionModule(**TINY, mode="image", reference_conditioning=False)
+    anatomy = VideoDiffusionModule(**TINY_DIFFUSION, mode="image", reference_conditioning=False)
     save_cli_checkpoint(anatomy, tmp_path / "lidm.ckpt")
     assert main(["sample", "--checkpoint", str(tmp_path / "lidm.ckpt"), "--vae", str(vae_folder), "--ef", "50",
                  "--out", str(tmp_path / "out")]) == 1

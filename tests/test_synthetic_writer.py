@@ -24,13 +24,14 @@ from datamodules.datamodule import EchoNetDataModule
 from datamodules.dataset import to_model_range
 from datamodules.requests import GenerationRequests
 from datamodules.video_io import read_video
-from lightning_modules.cli import main
+from echo_lvdm.main import main
 from lightning_modules.diffusion import VideoDiffusionModule
 from lightning_modules.reid import NotCalibratedError, load_reid
-from tests.conftest import PLANTED_CLIP, kill_when, read_filelist, save_cli_checkpoint
-from tests.test_diffusion import TINY
+from tests.helpers.cli import REPO
+from tests.helpers.data import PLANTED_CLIP, read_filelist
+from tests.helpers.models import TINY_DIFFUSION, save_cli_checkpoint
+from tests.helpers.processes import kill_when
 
-REPO = Path(__file__).resolve().parents[1]
 COPIES = {2: 0, 5: 1, 9: 2, 14: 3}  # attempt → training video it reproduces
 
 
@@ -154,8 +155,8 @@ def cli_world(planted, tmp_path_factory) -> SimpleNamespace:
     drops some of every batch."""
     out = tmp_path_factory.mktemp("generate")
     torch.manual_seed(1)
-    video = VideoDiffusionModule(**TINY, ema_decay=None, reference_dropout=0.1)
-    anatomy = VideoDiffusionModule(**TINY, mode="image", reference_conditioning=False, ema_decay=None)
+    video = VideoDiffusionModule(**TINY_DIFFUSION, ema_decay=None, reference_dropout=0.1)
+    anatomy = VideoDiffusionModule(**TINY_DIFFUSION, mode="image", reference_conditioning=False, ema_decay=None)
     for module, frames in ((video, FRAMES), (anatomy, 1)):
         module.train_num_frames.fill_(frames)
         module.train_fps.fill_(12.5)
@@ -188,7 +189,7 @@ def run_generate(world: SimpleNamespace, out: Path, *, devices: int, num_videos:
     }
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "lightning_modules.cli", "predict", "--config", str(path),
+    command = [sys.executable, "-m", "echo_lvdm", "predict", "--config", str(path),
                "--ckpt_path", str(world.video)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if background:

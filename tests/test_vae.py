@@ -14,15 +14,15 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-from callbacks.image_logging import log_image
+from lightning_modules.image_logging import log_image
 from datamodules.datamodule import EchoNetDataModule
 from lightning_modules.vae import VAEModule, checksum_of_weights, export_vae
 from lightning_modules.vae_utils import scale_from_stats
-from tests.test_cli import REPO, run_cli
+from tests.helpers.cli import REPO, run_cli
+from tests.helpers.models import TINY_VAE
 
 SIZE = 32
-TINY = {"block_out_channels": (32, 32), "layers_per_block": 1, "norm_num_groups": 8, "mid_block_add_attention": False,
-        "sample_size": SIZE, "lr": 1e-3}
+TINY = {**TINY_VAE, "sample_size": SIZE, "lr": 1e-3}
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,8 @@ class DumpLatentStats(Callback):
 def test_ddp_scaling_factor_pools_every_rank(vae_phantom, tmp_path):
     """Two CPU ranks through the real CLI, discriminator on: both ranks store 1/std of the frames of both."""
     result = run_cli(
-        "fit", "--config", str(REPO / "configs/vae_quickstart.yaml"), "--data.root", str(vae_phantom),
+        "fit", "--config", str(REPO / "configs/vae.yaml"), "--config", str(REPO / "configs/vae_quickstart.yaml"),
+        "--data.root", str(vae_phantom),
         "--data.size", str(SIZE), "--data.num_workers", "0", "--model.block_out_channels", "[32, 32]",
         "--model.sample_size", str(SIZE), "--model.disc_start_step", "1", "--model.disc_layers", "2",
         "--model.disc_channels", "16", "--trainer.accelerator", "cpu", "--trainer.devices", "2",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from datamodules.video_io import VideoReadError, probe_video, read_video, write_video
-from tests.conftest import kill_when
+from tests.helpers.processes import kill_when
 
 
 def smooth_video(num_frames=24, height=48, width=64, seed=0):

@@ -14,50 +14,16 @@ import torch
 from diffusers import AutoencoderKL
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from callbacks.image_logging import to_uint8
 from callbacks.video_logging import VideoLogger
 from datamodules.video_io import probe_video, read_video
 from lightning_modules.diffusion import VideoDiffusionModule
+from lightning_modules.image_logging import to_uint8
+from tests.helpers.models import TINY_DIFFUSION
+from tests.helpers.video import FPS, FRAMES, PIXELS, SCALE, LatentClips
 
-TINY = dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=32, cross_attention_dim=32,
-            addition_time_embed_dim=8, warmup_steps=0, lr=1e-2)
-LATENT, PIXELS, FRAMES, FPS, SCALE = 8, 16, 4, 12.5, 0.7
 EF_VALUES = (25.0, 50.0, 75.0)
-
-
-class LatentClips(L.LightningDataModule):
-    """Random latent clips of the batch contract: 2 training videos (one batch), 2 validation videos (one batch,
-    fewer than EF_VALUES, so the logger cycles through them for reference frames)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.videos = torch.randn(4, FRAMES, 4, LATENT, LATENT, generator=generator)
-
-    def _loader(self, rows: list[int]) -> DataLoader:
-        items = [{"video": self.videos[i], "ef": torch.tensor(20.0 + 20 * i), "index": torch.tensor(i),
-                  "patient": torch.tensor(i), "fps": torch.tensor(FPS)} for i in rows]
-        return DataLoader(items, batch_size=2)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader([0, 1])
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader([2, 3])
-
-
-@pytest.fixture(scope="module")
-def vae_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
-                        norm_num_groups=8, mid_block_add_attention=False, sample_size=PIXELS)
-    vae.register_to_config(scaling_factor=SCALE)  # what VAEModule.save_pretrained records
-    folder = tmp_path_factory.mktemp("video_logging") / "vae"
-    vae.save_pretrained(folder, safe_serialization=True)
-    return folder
+TINY = {**TINY_DIFFUSION, "lr": 1e-2}
 
 
 def fit(root: Path, module: VideoDiffusionModule, callback: VideoLogger, max_epochs: int) -> L.Trainer:

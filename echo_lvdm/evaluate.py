@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 log = logging.getLogger(__name__)
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", type=Path, required=True, help="real EchoNet-layout folder (TRAIN = the bank)")
     parser.add_argument("--synthetic", type=Path, required=True, help="synthetic EchoNet-layout folder (all rows)")
     parser.add_argument("--reid", type=Path, required=True, help="calibrated ReIDModule checkpoint")
@@ -46,42 +45,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-class EncodedReID(nn.Module):
-    """A re-ID model that sees pixel videos through the VAE encoder when it works in latent space — the interface
-    :func:`~lightning_modules.reid_embeddings.embed_split` needs (``embed_videos``, ``weights_checksum``)."""
-
-    def __init__(self, reid, vae=None) -> None:
-        super().__init__()
-        self.reid, self.vae = reid, vae
-
-    @property
-    def device(self) -> torch.device:
-        return self.reid.device
-
-    def latents(self, video: torch.Tensor) -> torch.Tensor:
-        """Pixel videos ``(B, T, C, H, W)`` → scaled latents (the VAE's posterior mean × its scaling factor)."""
-        frames = video.flatten(0, 1).to(self.vae.device, self.vae.dtype)
-        mean = torch.cat([self.vae.encode(chunk).latent_dist.mean for chunk in frames.split(32)])
-        return (mean * float(self.vae.config.scaling_factor)).float().unflatten(0, video.shape[:2])
-
-    def embed_videos(self, video: torch.Tensor) -> torch.Tensor:
-        if self.vae is not None:
-            video = self.latents(video)
-        return self.reid.embed_videos(video.to(self.reid.device, self.reid.dtype))
-
-    def weights_checksum(self) -> str:
-        from lightning_modules.vae_utils import checksum_of_weights
-
-        vae = "" if self.vae is None else checksum_of_weights(self.vae) + f"@{float(self.vae.config.scaling_factor)}"
-        return f"{self.reid.weights_checksum()}+{vae}"
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from callbacks.coverage import CoverageMeasures
-    from callbacks.video_logging import load_frozen_vae
-    from datamodules.datamodule import EchoNetDataModule
+    from datamodules import EchoNetDataModule
     from lightning_modules.reid import NotCalibratedError, load_reid
-    from lightning_modules.reid_embeddings import embed_split
+    from lightning_modules.reid_embeddings import EncodedReID, embed_split
+    from lightning_modules.vae_utils import load_frozen_vae
 
     reid = load_reid(args.reid, map_location=args.device)
     if not reid.calibrated:
@@ -132,8 +101,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def write_outputs(args: argparse.Namespace, values: dict, details: dict, real, synthetic, tau: float) -> None:
     from callbacks.coverage_figures import ef_scatter, hit_count_plot, image_pairs, score_histogram
-    from callbacks.image_logging import to_uint8
     from datamodules.video_io import atomic_output
+    from lightning_modules.image_logging import to_uint8
 
     args.out.mkdir(parents=True, exist_ok=True)
     train_set, synthetic_set = real.datasets["train"], synthetic.datasets["all"]

@@ -1,4 +1,4 @@
-"""A deliberately tiny LightningModule that exercises the CLI and the DataModule before the real models exist."""
+"""A deliberately tiny LightningModule that exercises the CLI and the DataModule without the cost of a real model."""
 
 import lightning as L
 import torch

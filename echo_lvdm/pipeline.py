@@ -31,7 +31,7 @@ import yaml
 log = logging.getLogger(__name__)
 
 
-def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="pipeline YAML (configs/pipeline/quickstart.yaml)")
     parser.add_argument("--out", type=Path, required=True, help="run folder: every stage's outputs and summary.md")
     parser.add_argument("--redo", metavar="STAGE", help="run this stage and every later one again")
@@ -80,19 +80,19 @@ class Run:
 
     def lightning(self, name: str, command: str, overlay: dict[str, Any], *args: str) -> None:
         """``echo-lvdm <command>`` with the stage's configs, the overlay and the stage's own ``args``."""
-        from lightning_modules.cli import main
+        from echo_lvdm.main import main
 
         overlay_path = self.folder(name) / "pipeline.yaml"
         overlay_path.write_text(yaml.safe_dump(overlay, sort_keys=False))
         argv = [command, *sum((["--config", f] for f in self.config_files(name)), []), "--config", str(overlay_path),
-                *args, *map(str, self.stage_config(name).get("args", []))]
+                *args, *as_arguments(self.stage_config(name).get("args", []))]
         log.info("pipeline: echo-lvdm %s", " ".join(argv))
         main(argv)
 
     def plain(self, name: str, command: str, *args: str) -> None:
-        from lightning_modules.cli import main
+        from echo_lvdm.main import main
 
-        argv = [command, *args, *map(str, self.stage_config(name).get("args", []))]
+        argv = [command, *args, *as_arguments(self.stage_config(name).get("args", []))]
         log.info("pipeline: echo-lvdm %s", " ".join(argv))
         if main(argv) != 0:
             raise RuntimeError(f"pipeline: stage {name}: `echo-lvdm {' '.join(argv)}` failed")
@@ -104,106 +104,103 @@ class Run:
         resume = _newest(folder, "last.ckpt")
         if resume is not None:
             log.info("pipeline: %s resumes from %s", name, resume)
-        self.lightning(name, "fit", overlay, "--trainer.logger.init_args.save_dir", str(folder / "logs"),
-                       *args, *(["--ckpt_path", str(resume)] if resume is not None else []))
+        self.lightning(name, "fit", overlay, *args, *(["--ckpt_path", str(resume)] if resume is not None else []))
         checkpoint = _newest(folder, "last.ckpt")
         if checkpoint is None:
             raise RuntimeError(f"pipeline: stage {name} wrote no last.ckpt under {folder}")
-        return {"checkpoint": str(checkpoint), "metrics": last_metrics(folder / "logs")}
+        return {"checkpoint": str(checkpoint), "metrics": last_metrics(folder)}
 
     def test(self, name: str, checkpoint: str, overlay: dict[str, Any], *args: str) -> dict[str, float]:
         folder = self.folder(f"{name}_test")
         self.lightning(name, "test", _merge({"trainer": {"default_root_dir": str(folder)}}, overlay),
-                       "--trainer.logger.init_args.save_dir", str(folder / "logs"), "--ckpt_path", checkpoint, *args)
-        return last_metrics(folder / "logs")
+                       "--ckpt_path", checkpoint, *args)
+        return last_metrics(folder)
 
 
 # ------------------------------------------------------------------------------------------------------ stages
-def stage_data(run: Run) -> dict[str, Any]:
-    data = run.config.get("data", {})
+def stage_data(job: Run) -> dict[str, Any]:
+    data = job.config.get("data", {})
     if "root" in data:
         return {"root": str(Path(data["root"]).resolve())}
-    out = run.out / "data"
-    run.plain("data", "phantom", "--out", str(out), "--overwrite", *map(str, data.get("phantom", [])))
+    out = job.out / "data"
+    job.plain("data", "phantom", "--out", str(out), "--overwrite", *map(str, data.get("phantom", [])))
     return {"root": str(out)}
 
 
-def stage_vae(run: Run) -> dict[str, Any]:
-    return run.fit("vae", {"data": {"root": run.artifact("data", "root")}})
+def stage_vae(job: Run) -> dict[str, Any]:
+    return job.fit("vae", {"data": {"root": job.artifact("data", "root")}})
 
 
-def stage_export(run: Run) -> dict[str, Any]:
-    out = run.out / "export" / "vae"
-    run.plain("export", "export-vae", "--checkpoint", run.artifact("vae", "checkpoint"), "--out", str(out))
+def stage_export(job: Run) -> dict[str, Any]:
+    out = job.out / "export" / "vae"
+    job.plain("export", "export-vae", "--checkpoint", job.artifact("vae", "checkpoint"), "--out", str(out))
     return {"vae": str(out)}
 
 
-def stage_encode(run: Run) -> dict[str, Any]:
-    cache = run.out / "latents"
-    callbacks = _patched_callbacks(run.base_config("encode"), {"cache_dir": str(cache)})
-    run.lightning("encode", "predict", {"data": {"root": run.artifact("data", "root")},
-                                        "trainer": {"default_root_dir": str(run.folder("encode")),
-                                                    "callbacks": callbacks}},
-                  "--ckpt_path", run.artifact("vae", "checkpoint"))
+def stage_encode(job: Run) -> dict[str, Any]:
+    cache = job.out / "latents"
+    job.lightning("encode", "predict", {"data": {"root": job.artifact("data", "root"), "latent_dir": str(cache)},
+                                        "trainer": {"default_root_dir": str(job.folder("encode"))}},
+                  "--ckpt_path", job.artifact("vae", "checkpoint"))
     return {"latent_dir": str(cache)}
 
 
-def _latent_data(run: Run) -> dict[str, Any]:
-    return {"data": {"root": run.artifact("data", "root"), "latent_dir": run.artifact("encode", "latent_dir")}}
+def _latent_data(job: Run) -> dict[str, Any]:
+    return {"data": {"root": job.artifact("data", "root"), "latent_dir": job.artifact("encode", "latent_dir")}}
 
 
-def stage_reid(run: Run) -> dict[str, Any]:
-    result = run.fit("reid", _latent_data(run))
-    result["metrics"].update(run.test("reid", result["checkpoint"], _latent_data(run)))
+def stage_reid(job: Run) -> dict[str, Any]:
+    result = job.fit("reid", _latent_data(job))
+    result["metrics"].update(job.test("reid", result["checkpoint"], _latent_data(job)))
     return result
 
 
-def stage_ef(run: Run) -> dict[str, Any]:
-    result = run.fit("ef", {"data": {"root": run.artifact("data", "root")}})
-    result["metrics"].update(run.test("ef", result["checkpoint"], {"data": {"root": run.artifact("data", "root")}}))
+def stage_ef(job: Run) -> dict[str, Any]:
+    result = job.fit("ef", {"data": {"root": job.artifact("data", "root")}})
+    result["metrics"].update(job.test("ef", result["checkpoint"], {"data": {"root": job.artifact("data", "root")}}))
     return result
 
 
-def stage_anatomy(run: Run) -> dict[str, Any]:
-    return run.fit("anatomy", _latent_data(run))
+def stage_anatomy(job: Run) -> dict[str, Any]:
+    return job.fit("anatomy", _latent_data(job))
 
 
-def stage_video(run: Run) -> dict[str, Any]:
-    vae = run.artifact("export", "vae")
+def stage_video(job: Run) -> dict[str, Any]:
+    vae = job.artifact("export", "vae")
     coverage = {"class_path": "callbacks.coverage.CoverageCallback",
-                "init_args": {"reid": run.artifact("reid", "checkpoint"), "ef_regressor": run.artifact("ef", "checkpoint"),
-                              "vae": vae, **run.stage_config("video").get("coverage", {})}}
-    callbacks = _patched_callbacks(run.base_config("video"), {"vae": vae}) + [coverage]
-    return run.fit("video", _merge(_latent_data(run), {"trainer": {"callbacks": callbacks}}))
+                "init_args": {"reid": job.artifact("reid", "checkpoint"), "ef_regressor": job.artifact("ef", "checkpoint"),
+                              "vae": vae, **job.stage_config("video").get("coverage", {})}}
+    callbacks = _patched_callbacks(job.base_config("video"), {"vae": vae}) + [coverage]
+    return job.fit("video", _merge(_latent_data(job), {"trainer": {"callbacks": callbacks}}))
 
 
-def stage_generate(run: Run) -> dict[str, Any]:
-    out = run.out / "synthetic"
-    writer = {"out": str(out), "reid": run.artifact("reid", "checkpoint"), "vae": run.artifact("export", "vae"),
-              "anatomy": run.artifact("anatomy", "checkpoint"), "cache_dir": str(run.folder("generate") / "reid_cache"),
-              **run.stage_config("generate").get("writer", {})}
-    callbacks = _patched_callbacks(run.base_config("generate"), writer)
-    overlay = {"data": {"root": run.artifact("data", "root"), "requests": run.stage_config("generate").get("requests", {})},
-               "trainer": {"default_root_dir": str(run.folder("generate")), "callbacks": callbacks}}
+def stage_generate(job: Run) -> dict[str, Any]:
+    out = job.out / "synthetic"
+    writer = {"out": str(out), "reid": job.artifact("reid", "checkpoint"), "vae": job.artifact("export", "vae"),
+              "anatomy": job.artifact("anatomy", "checkpoint"), "cache_dir": str(job.folder("generate") / "reid_cache"),
+              **job.stage_config("generate").get("writer", {})}
+    callbacks = _patched_callbacks(job.base_config("generate"), writer)
+    overlay = {"data": {"root": job.artifact("data", "root"), "requests": job.stage_config("generate").get("requests", {})},
+               "trainer": {"default_root_dir": str(job.folder("generate")), "callbacks": callbacks}}
     overlay["data"] = {key: value for key, value in overlay["data"].items() if value != {}}
-    run.lightning("generate", "predict", overlay, "--ckpt_path", run.artifact("video", "checkpoint"))
+    job.lightning("generate", "predict", overlay, "--ckpt_path", job.artifact("video", "checkpoint"))
     meta = json.loads((out / "dataset.json").read_text())
     return {"synthetic": str(out), "metrics": {key: meta[key] for key in ("kept", "dropped", "surplus", "attempts")}}
 
 
-def stage_ef_synthetic(run: Run) -> dict[str, Any]:
-    data = {"data": {"root": run.artifact("data", "root"), "train_root": run.artifact("generate", "synthetic")}}
-    result = run.fit("ef_synthetic", data)
-    result["metrics"].update(run.test("ef_synthetic", result["checkpoint"], data))
+def stage_ef_synthetic(job: Run) -> dict[str, Any]:
+    data = {"data": {"root": job.artifact("data", "root"), "train_root": job.artifact("generate", "synthetic")}}
+    result = job.fit("ef_synthetic", data)
+    result["metrics"].update(job.test("ef_synthetic", result["checkpoint"], data))
     return result
 
 
-def stage_evaluate(run: Run) -> dict[str, Any]:
-    out = run.out / "evaluation"
-    run.plain("evaluate", "evaluate", "--real", run.artifact("data", "root"), "--synthetic",
-              run.artifact("generate", "synthetic"), "--reid", run.artifact("reid", "checkpoint"),
-              "--ef", run.artifact("ef", "checkpoint"), "--vae", run.artifact("export", "vae"), "--out", str(out),
-              "--cache-dir", str(run.folder("evaluate") / "reid_cache"))
+def stage_evaluate(job: Run) -> dict[str, Any]:
+    out = job.out / "evaluation"
+    job.plain("evaluate", "evaluate", "--real", job.artifact("data", "root"), "--synthetic",
+              job.artifact("generate", "synthetic"), "--reid", job.artifact("reid", "checkpoint"),
+              "--ef", job.artifact("ef", "checkpoint"), "--vae", job.artifact("export", "vae"), "--out", str(out),
+              "--cache-dir", str(job.folder("evaluate") / "reid_cache"))
     return {"report": str(out / "report.md"), "metrics": json.loads((out / "metrics.json").read_text())}
 
 
@@ -223,7 +220,7 @@ STAGES = [
 
 
 # ------------------------------------------------------------------------------------------------------- running
-def run_pipeline(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     config = yaml.safe_load(args.config.read_text()) or {}
     names = [stage.name for stage in STAGES]
     for option in ("redo", "stop_after"):
@@ -234,35 +231,35 @@ def run_pipeline(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"pipeline: {args.config}: unknown stage(s) {', '.join(sorted(unknown))}; "
                          f"stages: {', '.join(names)}")
-    run = Run(config, args.out, repo=args.config.resolve().parents[2] if _in_configs(args.config) else Path.cwd())
+    job = Run(config, args.out, repo=args.config.resolve().parents[2] if _in_configs(args.config) else Path.cwd())
     if args.redo:
         # From scratch, and up front: a fit must not resume from the last run's checkpoint, and a redo killed midway
         # must not leave later stages' old results for the next run to skip.
         for stage in STAGES[names.index(args.redo):]:
             for folder in (stage.name, *stage.outputs):
-                shutil.rmtree(run.out / folder, ignore_errors=True)
+                shutil.rmtree(job.out / folder, ignore_errors=True)
     started = time.monotonic()
     for number, stage in enumerate(STAGES, 1):
-        done = run.out / stage.name / "DONE.json"
+        done = job.out / stage.name / "DONE.json"
         prefix = f"[{number}/{len(STAGES)}] {stage.name:<12}"
         if done.is_file():
-            run.artifacts[stage.name] = json.loads(done.read_text())
-            log.info("%s done earlier (%.0f s), skipped", prefix, run.artifacts[stage.name]["seconds"])
+            job.artifacts[stage.name] = json.loads(done.read_text())
+            log.info("%s done earlier (%.0f s), skipped", prefix, job.artifacts[stage.name]["seconds"])
         else:
             log.info("%s %s …", prefix, stage.describe)
             begin = time.monotonic()
-            result = stage.run(run)
+            result = stage.run(job)
             result["seconds"] = round(time.monotonic() - begin, 1)
             _write_json(done, result)
-            run.artifacts[stage.name] = result
+            job.artifacts[stage.name] = result
             log.info("%s done in %.0f s", prefix, result["seconds"])
         if stage.name == args.stop_after:
             break
-    summary = summary_table(run)
-    _write_text(run.out / "summary.md", summary)
-    log.info("pipeline: finished in %.0f s (this run)\n\n%s", time.monotonic() - started, summary)
-    if "evaluate" in run.artifacts:
-        log.info("pipeline: the report is %s", run.artifacts["evaluate"]["report"])
+    summary = summary_table(job)
+    _write_text(job.out / "summary.md", summary)
+    log.info("pipeline: finished in %.0f s (this job)\n\n%s", time.monotonic() - started, summary)
+    if "evaluate" in job.artifacts:
+        log.info("pipeline: the report is %s", job.artifacts["evaluate"]["report"])
     return 0
 
 
@@ -281,12 +278,12 @@ SUMMARY = [  # stage, metric, label
 ]
 
 
-def summary_table(run: Run) -> str:
+def summary_table(job: Run) -> str:
     lines = ["| stage | seconds |", "|---|---|"]
-    lines += [f"| {name} | {result.get('seconds', 0):.0f} |" for name, result in run.artifacts.items()]
+    lines += [f"| {name} | {result.get('seconds', 0):.0f} |" for name, result in job.artifacts.items()]
     lines += ["", "| measure | value |", "|---|---|"]
     for stage, key, label in SUMMARY:
-        value = run.artifacts.get(stage, {}).get("metrics", {}).get(key)
+        value = job.artifacts.get(stage, {}).get("metrics", {}).get(key)
         if value is not None:
             lines.append(f"| {label} | {value:.4g} |" if isinstance(value, float) else f"| {label} | {value} |")
     return "\n".join(lines) + "\n"
@@ -303,6 +300,12 @@ def last_metrics(log_dir: Path) -> dict[str, float]:
             values.update({key: float(value) for key, value in row.items() if value not in ("", None)
                            and key not in ("epoch", "step")})
     return values
+
+
+def as_arguments(values: list[Any]) -> list[str]:
+    """A stage's YAML ``args`` as command-line words, spelled as jsonargparse reads them: null, true, false."""
+    return ["null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+            for value in values]
 
 
 def _patched_callbacks(config: dict[str, Any], init_args: dict[str, Any]) -> list[dict[str, Any]]:

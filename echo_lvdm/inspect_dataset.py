@@ -9,8 +9,8 @@ import time
 import numpy as np
 import torch
 
+from datamodules import EchoNetDataModule
 from datamodules.clips import PAD_MODES
-from datamodules.datamodule import EchoNetDataModule
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def describe_split(datamodule: EchoNetDataModule, split: str) -> list[str]:
     return lines
 
 
-def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="EchoNet-layout folder (FileList.csv + Videos/)")
     parser.add_argument("--sampling", choices=("clip", "frames"), default="clip")
     parser.add_argument("--clip-length", type=int, default=16)
@@ -56,7 +56,7 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latent-dir", default=None)
 
 
-def run_inspect(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     datamodule = EchoNetDataModule(
         args.root,

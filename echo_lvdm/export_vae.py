@@ -9,12 +9,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="VAEModule checkpoint (echo-lvdm fit output)")
     parser.add_argument("--out", type=Path, required=True, help="folder for AutoencoderKL.from_pretrained")
 
 
-def run_export(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from lightning_modules.vae import export_vae
 
     if not args.checkpoint.is_file():

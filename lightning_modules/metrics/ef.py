@@ -7,7 +7,7 @@ import math
 import torch
 from torchmetrics.functional import mean_absolute_error, mean_squared_error, r2_score
 
-from callbacks.metrics import IndexedCat
+from lightning_modules.metrics.indexed import IndexedCat
 
 
 class EFRegressionMetrics(IndexedCat):
@@ -15,8 +15,8 @@ class EFRegressionMetrics(IndexedCat):
 
     ``update(index, preds, target)``: ``index`` int64 ``(N,)`` (the batch contract's row of the split's table),
     ``preds`` and ``target`` ``(N,)`` in percent. States are concatenated across DDP ranks and an index seen twice
-    counts once (:class:`~callbacks.metrics.IndexedCat`): DistributedSampler pads a rank's last batch with items of
-    the split another rank also evaluates. A video's several clips are averaged by the model before they get here
+    counts once (:class:`~lightning_modules.metrics.indexed.IndexedCat`): DistributedSampler pads a rank's last batch
+    with items of the split another rank also evaluates. A video's several clips are averaged by the model before they get here
     (:meth:`~lightning_modules.ef_regressor.EFRegressorModule.predict_video_ef`).
 
     ``compute()`` → ``{"mae", "rmse", "r2"}`` float32 scalars; ``r2`` is NaN with fewer than two videos.

@@ -1,21 +1,21 @@
 """torchmetrics ``Metric`` classes for coverage and faithfulness: per-video values are concatenated across DDP ranks
-and de-duplicated by the batch contract's ``index`` (:class:`~callbacks.metrics.IndexedCat`), then reduced by the
-functions of :mod:`callbacks.coverage_metrics`. EF faithfulness is
-:class:`~lightning_modules.components.ef_metrics.EFRegressionMetrics` with the regressor's reading as ``preds`` and
-the requested EF as ``target``."""
+and de-duplicated by the batch contract's ``index`` (:class:`~lightning_modules.metrics.indexed.IndexedCat`), then
+reduced by the functions of :mod:`lightning_modules.metrics.functional`. EF faithfulness is
+:class:`~lightning_modules.metrics.ef.EFRegressionMetrics` with the regressor's reading as ``preds`` and the requested
+EF as ``target``."""
 
 from __future__ import annotations
 
 import torch
 
-from callbacks.coverage_metrics import (
+from lightning_modules.metrics.functional import (
     coverage_fraction,
     density_and_coverage,
     frechet_distance,
     memorization_rate,
     real_radii,
 )
-from callbacks.metrics import IndexedCat
+from lightning_modules.metrics.indexed import IndexedCat
 
 
 class CoverageMetric(IndexedCat):

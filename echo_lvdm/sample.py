@@ -18,7 +18,7 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="VideoDiffusionModule checkpoint (video mode)")
     parser.add_argument("--vae", type=Path, required=True, help="exported VAE folder (echo-lvdm export-vae)")
     parser.add_argument("--ef", type=float, nargs="+", required=True, help="EF values (percent) to request")
@@ -49,7 +49,7 @@ def reference_frames(args: argparse.Namespace, efs: list[float], generator: torc
                           for i in range(0, len(efs), args.batch_size)])
     if args.reference_root is None:
         return None
-    from datamodules.datamodule import EchoNetDataModule
+    from datamodules import EchoNetDataModule
 
     if args.latent_dir is None:
         raise ValueError("--reference-root needs --latent-dir (its latent cache)")
@@ -61,10 +61,11 @@ def reference_frames(args: argparse.Namespace, efs: list[float], generator: torc
     return torch.stack([dataset[i % len(dataset)]["video"][0] for i in range(len(efs))])
 
 
-def run_sample(args: argparse.Namespace) -> int:
-    from callbacks.video_logging import decode_frames, load_frozen_vae, video_array
+def run(args: argparse.Namespace) -> int:
+    from callbacks.video_logging import video_array
     from datamodules.video_io import atomic_output, write_video
     from lightning_modules.diffusion import VideoDiffusionModule
+    from lightning_modules.vae_utils import decode_frames, load_frozen_vae
 
     model = VideoDiffusionModule.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=True)
     if model.hparams.mode != "video":
