@@ -1,202 +1,146 @@
-"""``CoverageCallback``: while a video diffusion model trains, how much of the training set does it cover, how much
-does it copy, and does it show the EF it was asked for? (Definitions: DESIGN.md, "Metrics".)
+"""``CoverageCallback``: while a generator trains, how much of the training set does what it ships cover, how much does
+it copy, and does it show the EF it was asked for? (Definitions: DESIGN.md, "Metrics".)
 
-At each validation step the callback samples one video per validation video (up to a cap), conditioned on that
-video's EF and first latent frame, and measures the samples with a frozen, calibrated re-identification model
-against the training split, and with a frozen EF regressor. Every measure is a torchmetrics ``Metric`` keyed by the
-batch contract's ``index``, so DDP ranks gather their samples and DistributedSampler padding counts once.
+What is sampled decides what a number means, so the callback measures the chain a synthetic dataset is made by:
+
+* **anatomy fit** (an image-mode :class:`~lightning_modules.diffusion.VideoDiffusionModule`): ``num_samples`` of the
+  model's own frames — coverage, memorisation, density / PRDC, Fréchet distance against the training split's frames;
+* **video fit with** ``anatomy``: fully synthetic videos — each request's reference frame drawn from the frozen anatomy
+  model, then animated — exactly as :class:`~callbacks.synthetic_writer.SyntheticDatasetWriter` makes them for the
+  same requests: coverage, memorisation, density / PRDC, FD, temporal consistency, EF faithfulness;
+* **video fit without** ``anatomy``: videos animated from the first frame of *real* validation videos inherit that
+  patient, so no coverage or memorisation is logged — only identity preservation (``val/identity_score``,
+  ``val/identity_above_tau``), EF faithfulness, temporal consistency and FD.
+
+Videos are compared under one :class:`~lightning_modules.protocols.Protocol` (default: clips of the model's training
+length at the run's period or fps; an anatomy model's frames: ``first_frame``), and τ is calibrated for it from the
+run's validation split against its training split (``val/tau``). Every measure is a torchmetrics state keyed by index,
+so DDP ranks gather their samples and sampler padding counts once.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.coverage_figures import score_histogram
-from lightning_modules.diffusion_sampling import SAMPLERS
+from callbacks.coverage_figures import coverage_curves, score_histogram
+from callbacks.coverage_measures import CoverageMeasures, IdentityMeasures, coverage_sizes
+from datamodules import EchoNetDataModule, GenerationRequests
+from lightning_modules.calibration import calibrate
+from lightning_modules.diffusion import load_diffusion
+from lightning_modules.diffusion_sampling import SAMPLERS, anatomy_references, generate_requested
 from lightning_modules.image_logging import log_image
-from lightning_modules.metrics import CoverageMetric, EFRegressionMetrics, EmbeddingDistributionMetrics, MeanPerVideo
-from lightning_modules.metrics.functional import hit_counts, temporal_consistency
-from lightning_modules.reid import NotCalibratedError, load_reid
+from lightning_modules.protocols import Protocol
+from lightning_modules.reid import load_reid
 from lightning_modules.reid_embeddings import embed_split
 from lightning_modules.vae_utils import decode_frames, load_frozen_vae
 
-__all__ = ["CoverageCallback", "CoverageMeasures", "METRIC_NAMES"]
-
-METRIC_NAMES = ("coverage", "reference_coverage", "relative_coverage", "memorization_rate", "memorized_coverage",
-                "ef_r2", "ef_mae", "density", "prdc_coverage", "fd_reid", "temporal_consistency")
+__all__ = ["CoverageCallback", "CoverageMeasures", "IdentityMeasures", "coverage_sizes", "protocol_datamodule"]
 
 
-class CoverageMeasures(torch.nn.Module):
-    """The coverage measures of one set of synthetic videos against a training bank — the state behind
-    :class:`CoverageCallback` and ``echo-lvdm evaluate``.
-
-    ``reid``: a calibrated :class:`~lightning_modules.reid.ReIDModule`; ``bank``: the training split's embeddings
-    (:class:`~lightning_modules.reid_embeddings.EmbeddedSplit`). Update with embeddings (the re-ID model's own input
-    space is the caller's business) and, with an EF regressor, the EF requested and read; ``compute()`` gathers every
-    rank's rows (a collective under DDP: every rank calls it) and returns the values of ``METRIC_NAMES`` plus each
-    set's per-video best scores and matches. ``synthetic`` and ``reference`` rows are keyed by their own ``index``.
-    """
-
-    def __init__(self, reid, bank, *, ef: bool, k: int = 5) -> None:
-        super().__init__()
-        self.reid, self.bank, self.tau = reid, bank, float(reid.tau)
-        self.synthetic = CoverageMetric(len(bank), self.tau)
-        self.reference = CoverageMetric(len(bank), self.tau)
-        self.distribution = EmbeddingDistributionMetrics(bank.embedding.mean(dim=1).double(), k)
-        self.temporal = MeanPerVideo()
-        self.ef = EFRegressionMetrics() if ef else None
-
-    def update_synthetic(self, index: torch.Tensor, embedding: torch.Tensor, requested_ef: torch.Tensor | None = None,
-                         read_ef: torch.Tensor | None = None) -> torch.Tensor:
-        """Synthetic videos' per-frame embeddings ``(N, F, D)``; returns their best scores ``(N,)``."""
-        score, match = self.reid.video_search(embedding, self.bank.embedding.to(embedding))
-        self.synthetic.update(index, score=score, match=match)
-        self.distribution.update(index, embedding=embedding.mean(dim=1).double())
-        if embedding.shape[1] >= 2:
-            self.temporal.update(index, value=temporal_consistency(embedding, self.reid.head.weight,
-                                                                   self.reid.head.bias))
-        if self.ef is not None:
-            if requested_ef is None or read_ef is None:
-                raise ValueError("CoverageMeasures was built with EF faithfulness: give requested_ef and read_ef")
-            self.ef.update(index, preds=read_ef.float(), target=requested_ef.float())
-        return score
-
-    def update_reference(self, index: torch.Tensor, embedding: torch.Tensor) -> None:
-        """Held-out real videos' per-frame embeddings ``(N, F, D)`` (the reference coverage)."""
-        score, match = self.reid.video_search(embedding, self.bank.embedding.to(embedding))
-        self.reference.update(index, score=score, match=match)
-
-    def compute(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
-        """``(values, details)`` or None when no rank saw a synthetic video. ``details``: ``synthetic_index``,
-        ``synthetic_score``, ``synthetic_match``, the same for ``reference_``, and ``hits`` per training video."""
-        self._fill_empty_rank()
-        if not _anything(self.synthetic):
-            return None
-        synthetic = self.synthetic.compute()
-        values = {name: synthetic[name] for name in ("coverage", "memorization_rate", "memorized_coverage")}
-        if len(synthetic["index"]) > self.distribution.k:  # the same count on every rank: all call compute or none
-            distribution = self.distribution.compute()
-            values.update(density=distribution["density"], prdc_coverage=distribution["prdc_coverage"],
-                          fd_reid=distribution["fd"])
-        else:
-            rank_zero_warn(f"CoverageMeasures: density, PRDC coverage and Fréchet distance need more than "
-                           f"k={self.distribution.k} synthetic videos, got {len(synthetic['index'])}; not computed")
-        details = {f"synthetic_{key}": synthetic[key] for key in ("index", "score", "match")}
-        details["hits"] = hit_counts(synthetic["match"], len(self.bank))
-        if _anything(self.reference):
-            reference = self.reference.compute()
-            values.update(reference_coverage=reference["coverage"],
-                          relative_coverage=synthetic["coverage"] / reference["coverage"])
-            details.update({f"reference_{key}": reference[key] for key in ("index", "score", "match")})
-        if _anything(self.temporal):
-            values["temporal_consistency"] = self.temporal.compute()
-        if self.ef is not None:
-            ef = self.ef.compute()
-            values.update(ef_r2=ef["r2"], ef_mae=ef["mae"])
-            details["ef_read"], details["ef_requested"] = self.ef.per_video()[1:]
-        return values, details
-
-    def reset(self) -> None:
-        for metric in (self.synthetic, self.reference, self.distribution, self.temporal, self.ef):
-            if metric is not None:
-                metric.reset()
-
-    def _fill_empty_rank(self) -> None:
-        # A rank that saw no video still joins the gathers, with empty states of the right dtypes and widths.
-        device = self.bank.embedding.device
-        empty, index = torch.zeros(0, device=device), torch.zeros(0, dtype=torch.long, device=device)
-        for metric in (self.synthetic, self.reference):
-            if not metric.update_count:
-                metric.update(index, score=empty, match=index)
-        if not self.distribution.update_count:
-            width = self.bank.embedding.shape[-1]
-            self.distribution.update(index, embedding=torch.zeros(0, width, dtype=torch.float64, device=device))
-        if not self.temporal.update_count:
-            self.temporal.update(index, value=empty)
-        if self.ef is not None and not self.ef.update_count:
-            self.ef.update(index, preds=empty, target=empty)
+def protocol_datamodule(datamodule: EchoNetDataModule, protocol: Protocol, **overrides: Any) -> EchoNetDataModule:
+    """The same data as ``datamodule`` served under ``protocol`` (latents as posterior means, the re-ID model's
+    input), for embedding whole splits."""
+    accepted = inspect.signature(EchoNetDataModule).parameters  # LightningCLI adds keys of its own (_instantiator)
+    options = {key: value for key, value in datamodule.hparams.items() if key in accepted}
+    options.update(protocol.data_options(), num_workers=0, **overrides)
+    if options.get("space") == "latent":
+        options["latent_posterior"] = "mean"
+    return EchoNetDataModule(**options)
 
 
 class CoverageCallback(L.Callback):
-    """Coverage, memorisation and EF faithfulness of a :class:`~lightning_modules.diffusion.VideoDiffusionModule`
-    (video mode), measured at every ``every_n_validations``-th validation.
+    """Coverage, memorisation and EF faithfulness of a diffusion model while it trains (see the module's docs),
+    measured at every ``every_n_validations``-th validation of a fit (never the sanity check) and at every
+    ``validate``.
 
-    Once per fit (lazily, at the first measured validation) the training split of the run's DataModule is embedded
-    by the re-ID model — each rank a shard, gathered, cached on disk under ``cache_dir`` keyed by the re-ID weights'
-    checksum. Then, for every validation video whose ``index`` is below ``max_samples`` (the same videos on any
-    number of ranks), the callback samples a video with its EF and its first latent frame as reference (noise seeded
-    by ``seed`` and the index, so a sample does not depend on batch composition), and updates:
+    Once per fit the training and validation splits are embedded under the protocol by the re-ID model (each rank a
+    shard, gathered, cached under ``cache_dir`` by the re-ID weights and the data setup) and τ is calibrated from the
+    validation videos at ``quantile`` (default: the re-ID model's). Then each measured validation samples:
 
-    * ``val/coverage``, ``val/memorization_rate``, ``val/memorized_coverage``: the samples' best re-ID matches in
-      the training split (distinct matches / min(|R|, |S|); share of best scores above the re-ID model's τ; share of
-      training videos matched above τ — the ones the model reproduces);
-    * ``val/reference_coverage``: the same coverage for the real validation videos the samples were conditioned on
-      (what held-out real data of that size achieves), and ``val/relative_coverage`` = coverage / reference;
-    * ``val/density``, ``val/prdc_coverage`` (Naeem et al. 2020, ``k`` neighbours) and ``val/fd_reid`` (Fréchet
-      distance), between the samples' and the training videos' embeddings (mean over frames);
-    * ``val/temporal_consistency``: mean re-ID similarity of each sample's frame 0 with its other frames;
-    * ``val/ef_r2``, ``val/ef_mae``: requested EF against the EF the frozen regressor reads from the sample (decoded
-      by the VAE at ``vae`` when the regressor works on pixels), logged when ``ef_regressor`` is given.
+    * with an anatomy model, or in an anatomy fit: requests 0 … ``num_samples`` − 1 of ``requests`` (EF and noise
+      seed per request, :class:`~datamodules.GenerationRequests`; rank r takes r, r + W, …), sampled in batches of
+      ``batch_size``;
+    * otherwise: one video per validation video with ``index < num_samples``, on its first frame and EF.
 
-    and logs ``val/coverage_scores``, a histogram of the samples' and the real videos' best scores with τ marked
-    (TensorBoard or wandb image, else a PNG beside the logs). Cost per measured validation: at most ``max_samples``
-    sampled videos of ``steps`` steps, and the same number of real and synthetic re-ID and EF passes.
-
-    The re-ID model must work in the diffusion model's latent space (``in_channels`` = latent channels) and carry τ
-    (a calibrated checkpoint); checkpoints are read with ``weights_only=True``.
+    Logged as ``val/<name>``: ``coverage`` (at |S| = the samples), ``coverage@n`` (the first n samples, n in ¼, ½, 1,
+    2 × |R| and the validation set's size), ``reference_coverage`` (validation videos), ``relative_coverage`` (at equal
+    counts), ``memorization_rate``, ``memorized_coverage``, ``density``, ``prdc_coverage``, ``fd_reid``,
+    ``temporal_consistency``, ``ef_r2``, ``ef_mae``, ``tau`` — or, animating real frames, ``identity_score``,
+    ``identity_above_tau``, ``ef_r2``, ``ef_mae``, ``fd_reid``, ``temporal_consistency``, ``tau`` — and figures
+    ``val/coverage_scores`` (best scores with τ) and ``val/coverage_curve`` (coverage against |S|).
 
     Args:
-        reid: re-ID checkpoint (calibrated). ef_regressor: EF regressor checkpoint (None: no EF faithfulness).
+        reid: re-ID checkpoint in the diffusion model's latent space (its own τ is not used: τ is calibrated for the
+            protocol here). ef_regressor: EF regressor checkpoint (None: no EF faithfulness; not for anatomy fits).
         vae: exported VAE folder, needed when the EF regressor reads pixels. ef_size: frame size the regressor was
             trained at (None: the VAE's output size).
-        every_n_validations: measure at validations n, 2n, … of a fit (never the sanity check); every ``validate``.
-        max_samples: validation videos sampled per measured validation (those with ``index`` < max_samples; None:
-            all). steps, sampler, guidance_scale: passed to ``sample`` (None: the model's defaults). seed: noise seed.
-        k: neighbours of density and coverage. cache_dir: where training-split embeddings are cached (None: the
-            first logger's directory, else the trainer's ``default_root_dir``, under ``reid_cache/``).
+        anatomy: image-mode checkpoint whose frames a video model animates (a video fit without it measures
+            identity preservation instead of coverage). A loaded model may instead be set as ``callback.anatomy``.
+        protocol: ``first_frame``, ``frames:N``, ``clip:L``, ``clip:L/pP`` or ``clip:L@Ffps`` (None: the default above).
+        num_samples: samples per measured validation. requests: their EFs and seeds (``distribution``,
+            ``ef_range``, ``seed``; default uniform EF 10–90, seed 0, as configs/generate.yaml).
+        every_n_validations, steps, sampler, guidance_scale: when and how to sample (None: the model's defaults;
+            with an anatomy model, they apply to the video model: its frames are sampled as the writer samples them).
+        quantile: of τ. seed: noise seed when animating real frames. k: neighbours of density and PRDC coverage.
+        batch_size: requests sampled together. cache_dir: embedding cache (None: under the first logger's
+            directory, else the trainer's ``default_root_dir``, ``reid_cache/``).
     """
 
     def __init__(self, reid: str, ef_regressor: str | None = None, vae: str | None = None, ef_size: int | None = None,
-                 every_n_validations: int = 1, max_samples: int | None = 64, steps: int = 25,
-                 sampler: str | None = None, guidance_scale: float | None = None, seed: int = 0, k: int = 5,
-                 cache_dir: str | None = None) -> None:
-        if every_n_validations < 1 or steps < 1 or k < 1 or (max_samples is not None and max_samples < 1):
-            raise ValueError("CoverageCallback: every_n_validations, steps, k and max_samples must be ≥ 1, got "
-                             f"{every_n_validations}, {steps}, {k}, {max_samples}")
+                 anatomy: str | None = None, protocol: str | None = None, num_samples: int = 64,
+                 requests: dict | GenerationRequests | None = None, every_n_validations: int = 1, steps: int | None = None,
+                 sampler: str | None = None, guidance_scale: float | None = None, quantile: float | None = None,
+                 seed: int = 0, k: int = 5, batch_size: int = 8, cache_dir: str | None = None) -> None:
+        if min(every_n_validations, steps or 1, k, num_samples, batch_size) < 1:
+            raise ValueError("CoverageCallback: every_n_validations, steps, k, num_samples and batch_size must be ≥ 1, "
+                             f"got {every_n_validations}, {steps}, {k}, {num_samples}, {batch_size}")
         if sampler is not None and sampler not in SAMPLERS:
             raise ValueError(f"CoverageCallback: sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        for name, path in (("reid", reid), ("ef_regressor", ef_regressor)):
+        for name, path in (("reid", reid), ("ef_regressor", ef_regressor), ("anatomy", anatomy)):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"CoverageCallback: {name} checkpoint {path} not found")
         self.reid_path, self.ef_path = Path(reid), None if ef_regressor is None else Path(ef_regressor)
+        self.anatomy_path = None if anatomy is None else Path(anatomy)
         self.vae_path, self.ef_size = None if vae is None else Path(vae), ef_size
-        self.every_n_validations, self.max_samples, self.steps = every_n_validations, max_samples, steps
-        self.sampler, self.guidance_scale, self.seed, self.k = sampler, guidance_scale, seed, k
-        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.protocol_name = None if protocol is None else Protocol.parse(protocol).name
+        requests = requests if isinstance(requests, dict) else vars(requests) if requests is not None else {}
+        self.requests = GenerationRequests(**{**requests, "attempts": num_samples})
+        self.every_n_validations, self.num_samples, self.steps = every_n_validations, num_samples, steps
+        self.sampler, self.guidance_scale, self.quantile, self.seed, self.k = sampler, guidance_scale, quantile, seed, k
+        self.batch_size, self.cache_dir = batch_size, None if cache_dir is None else Path(cache_dir)
         self.validations = 0  # finished validations of fits, sanity check excluded (saved with the checkpoint)
-        self.reid = self.regressor = self.vae = None
-        self.bank = None  # training-split embeddings (N, F, D), gathered on every rank
-        self.measures: CoverageMeasures | None = None
+        self.reid = self.regressor = self.vae = self.anatomy = None
+        self.protocol: Protocol | None = None
+        self.bank = self.heldout = self.calibration = None  # per fit: the training and validation splits, τ
+        self.measures: CoverageMeasures | IdentityMeasures | None = None
         self.active = False
         self.last: dict[str, float] = {}  # the values logged at the last measured validation
 
     # ------------------------------------------------------------------------------------------------ setup
+    @property
+    def mode(self) -> str:
+        """``anatomy`` (an image-mode fit), ``synthetic`` (video fit with an anatomy model) or ``identity``."""
+        return self._mode
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         hp = pl_module.hparams
-        if hp.get("mode") != "video":
-            raise ValueError("CoverageCallback measures video diffusion models (VideoDiffusionModule, mode: video); "
-                             f"got {type(pl_module).__name__} with mode {hp.get('mode')!r}")
+        if hp.get("mode") not in ("video", "image"):
+            raise ValueError("CoverageCallback measures diffusion models (VideoDiffusionModule); got "
+                             f"{type(pl_module).__name__}")
+        if hp.mode == "image" and (self.anatomy_path is not None or self.ef_path is not None):
+            raise ValueError("CoverageCallback: an anatomy (image-mode) fit samples its own frames; give it no anatomy "
+                             "and no EF regressor (EF cannot be read from one frame)")
+        animates = self.anatomy_path is not None or self.anatomy is not None
+        self._mode = "anatomy" if hp.mode == "image" else "synthetic" if animates else "identity"
         device = trainer.strategy.root_device
         if self.reid is None:
-            self.reid = load_reid(self.reid_path).to(device)
-            if not self.reid.calibrated:
-                raise NotCalibratedError(f"CoverageCallback: {self.reid_path} has no privacy threshold τ; calibrate it "
-                                         "(`echo-lvdm validate --config <reid config> --ckpt_path <ckpt>`)")
+            self.reid = load_reid(self.reid_path)
             if self.reid.hparams.in_channels != hp.latent_channels:
                 raise ValueError(f"CoverageCallback: {self.reid_path} takes {self.reid.hparams.in_channels}-channel "
                                  f"frames; the diffusion model's latents have {hp.latent_channels} channels — use a "
@@ -212,14 +156,22 @@ class CoverageCallback(L.Callback):
                     raise ValueError(f"CoverageCallback: the EF regressor {self.ef_path} reads pixels; give the VAE "
                                      "that decodes the diffusion model's latents (vae: <exported VAE folder>)")
                 self.vae = load_frozen_vae(self.vae_path)
-        for model in (self.reid, self.regressor, self.vae):
+        if self.anatomy_path is not None and self.anatomy is None:
+            self.anatomy = load_diffusion(self.anatomy_path, mode="image", map_location=device)
+        if self.anatomy is not None:
+            if self.anatomy.hparams.latent_channels != hp.latent_channels:
+                raise ValueError(f"CoverageCallback: anatomy {self.anatomy_path} makes "
+                                 f"{self.anatomy.hparams.latent_channels}-channel latents, the video model "
+                                 f"{hp.latent_channels}")
+        for model in (self.reid, self.regressor, self.vae, self.anatomy):
             if model is not None:
                 model.to(device)
         self.bank = None  # the training split may differ between fits: embed it again (from the cache when unchanged)
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(reid=str(self.reid_path), max_samples=self.max_samples, seed=self.seed)
+        return self._generate_state_key(reid=str(self.reid_path), anatomy=str(self.anatomy_path),
+                                        num_samples=self.num_samples, seed=self.requests.seed)
 
     def state_dict(self) -> dict[str, int]:
         return {"validations": self.validations}
@@ -227,49 +179,108 @@ class CoverageCallback(L.Callback):
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.validations = int(state_dict["validations"])
 
+    # -------------------------------------------------------------------------------- bank, held-out set, τ
+    def _protocol(self, pl_module: L.LightningModule, datamodule: EchoNetDataModule) -> Protocol:
+        if self.protocol_name is not None:
+            return Protocol.parse(self.protocol_name)
+        if self.mode == "anatomy":
+            return Protocol("first_frame")
+        hp = datamodule.hparams
+        length = int(pl_module.train_num_frames) or int(hp.clip_length)
+        fps = hp.get("fps")
+        return Protocol("clip", length, 1 if fps is not None else int(hp.period), fps)
+
+    def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Embed the training and validation splits under the protocol and calibrate τ (every rank: collectives)."""
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, EchoNetDataModule):
+            raise ValueError("CoverageCallback embeds the training split through the run's EchoNetDataModule; "
+                             "pass the datamodule to the Trainer (not bare dataloaders)")
+        self.protocol = self._protocol(pl_module, datamodule)
+        data = protocol_datamodule(datamodule, self.protocol)
+        cache = self._cache_dir(trainer)
+        self.bank = embed_split(self.reid, data, "train", cache_dir=cache)
+        self.heldout = embed_split(self.reid, data, "val", cache_dir=cache)
+        if self.mode == "anatomy":  # a sample is one frame: so is each held-out query
+            self.heldout.embedding = self.heldout.embedding[:, :1]
+        quantile = self.quantile if self.quantile is not None else float(self.reid.hparams.quantile)
+        self.calibration = calibrate(self.reid, self.bank, self.heldout, quantile=quantile, protocol=self.protocol,
+                                     heldout_name="val", weights_checksum=self.reid.weights_checksum(),
+                                     data=datamodule.root_for("train"))
+        self.train_ef = torch.tensor([record.ef for record in data.datasets["train"].records]).numpy()
+        rank_zero_info(f"CoverageCallback ({self.mode}): {len(self.bank)} training and {len(self.heldout)} validation "
+                       f"videos under protocol {self.protocol.name}; τ = {self.calibration.tau:.4g} "
+                       f"(quantile {quantile} of the validation videos)")
+
     # ------------------------------------------------------------------------------------------- measuring
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.active = not trainer.sanity_checking and (
             trainer.state.fn != "fit" or (self.validations + 1) % self.every_n_validations == 0)
         if not self.active:
             return
-        if self.bank is None:  # every rank: embed_split gathers the shards
-            if not hasattr(trainer.datamodule, "eval_dataloader"):
-                raise ValueError("CoverageCallback embeds the training split through the run's EchoNetDataModule; "
-                                 "pass the datamodule to the Trainer (not bare dataloaders)")
-            self.bank = embed_split(self.reid, trainer.datamodule, "train", cache_dir=self._cache_dir(trainer))
-            rank_zero_info(f"CoverageCallback: {len(self.bank)} training videos embedded by {self.reid_path.name}")
-        self.measures = CoverageMeasures(self.reid, self.bank, ef=self.regressor is not None, k=self.k)
-        self.measures.to(pl_module.device)
+        if self.bank is None:
+            self._prepare(trainer, pl_module)
+        kind = IdentityMeasures if self.mode == "identity" else CoverageMeasures
+        self.measures = kind(self.reid, self.bank, self.calibration, self.protocol, ef=self.regressor is not None,
+                             k=self.k).to(pl_module.device)
+        if self.mode != "identity":  # every rank gives the same rows: the index de-duplicates them
+            self.measures.update_reference(self.heldout.index.to(pl_module.device),
+                                           self.heldout.embedding.to(pl_module.device))
 
     @torch.no_grad()
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not self.active or dataloader_idx != 0:
+        if not self.active or dataloader_idx != 0 or self.mode != "identity":
             return
         index = batch["index"]
-        chosen = index < self.max_samples if self.max_samples is not None else torch.ones_like(index, dtype=torch.bool)
+        chosen = index < self.num_samples
         if not bool(chosen.any()):
             return
         index, real, ef = index[chosen], batch["video"][chosen], batch["ef"][chosen].float()
         generators = [torch.Generator().manual_seed(self.seed * 1_000_003 + int(i)) for i in index.tolist()]
         reference = real[:, 0] if pl_module.hparams.reference_conditioning else None
-        latents = pl_module.sample(ef=ef, reference=reference, num_frames=real.shape[1], steps=self.steps,
-                                   scheduler=self.sampler, guidance_scale=self.guidance_scale, generator=generators)
-        self.update(index, latents, real, ef)
+        latents = pl_module.sample(ef=ef, reference=reference, num_frames=self._length(real.shape[1]),
+                                   steps=self.steps, scheduler=self.sampler, guidance_scale=self.guidance_scale,
+                                   generator=generators)
+        rows = torch.searchsorted(self.heldout.index.to(index.device), index)
+        source = self.heldout.embedding.to(index.device)[rows]  # the source videos, under the protocol
+        self.measures.update(index, self._embed(latents, index), source, ef, self._read_ef(latents))
 
-    def update(self, index: torch.Tensor, synthetic: torch.Tensor, real: torch.Tensor, ef: torch.Tensor) -> None:
-        """Measure ``synthetic`` latent videos ``(N, T, C, h, w)`` conditioned on the real ``(N, T, C, h, w)`` with
-        EF ``ef (N,)``, all keyed by the real videos' ``index (N,)``."""
-        reid = self.reid
-        read = None
-        if self.regressor is not None:
-            videos = synthetic if self.vae is None else decode_frames(self.vae, synthetic).clamp(-1.0, 1.0)
-            read = self.regressor.read_ef(videos, self.ef_size)
-        self.measures.update_synthetic(index, reid.embed_videos(synthetic.to(reid.device, reid.dtype)), ef, read)
-        self.measures.update_reference(index, reid.embed_videos(real.to(reid.device, reid.dtype)))
+    def _length(self, default: int) -> int:
+        return self.protocol.length if self.protocol.kind == "clip" else default
+
+    def _embed(self, latents: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        frames = self.protocol.frames_of(latents, index)
+        return self.reid.embed_videos(frames.to(self.reid.device, self.reid.dtype))
+
+    def _read_ef(self, latents: torch.Tensor) -> torch.Tensor | None:
+        if self.regressor is None:
+            return None
+        videos = latents if self.vae is None else decode_frames(self.vae, latents).clamp(-1.0, 1.0)
+        return self.regressor.read_ef(videos, self.ef_size)
+
+    @torch.no_grad()
+    def _sample_requests(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """This rank's share of the requests (r, r + W, …), sampled and measured."""
+        mine = list(range(trainer.global_rank, self.num_samples, trainer.world_size))
+        options = dict(steps=self.steps, scheduler=self.sampler, guidance_scale=self.guidance_scale)
+        if self.mode == "synthetic":
+            options["num_frames"] = self._length(int(pl_module.train_num_frames))
+        for start in range(0, len(mine), self.batch_size):
+            attempts = mine[start:start + self.batch_size]
+            ef = torch.tensor([self.requests.ef(i, self.train_ef) for i in attempts], device=pl_module.device)
+            seeds = [self.requests.noise_seed(i) for i in attempts]
+            if self.mode == "anatomy":  # the frames the writer would take as reference frames
+                latents = anatomy_references(pl_module, ef, seeds, **options)[:, None]
+            else:
+                latents = generate_requested(pl_module, self.anatomy, ef, seeds, **options)
+            index = torch.tensor(attempts, device=pl_module.device)
+            read = self._read_ef(latents) if self.mode == "synthetic" else None
+            self.measures.update_synthetic(index, self._embed(latents, index), ef if read is not None else None,
+                                           read)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Runs before the module's own epoch end: the EMA weights it swapped in are still in place.
         if trainer.sanity_checking:
             return
         if trainer.state.fn == "fit":
@@ -277,30 +288,28 @@ class CoverageCallback(L.Callback):
         if not self.active:
             return
         self.active = False
-        result = self.measures.compute()
+        if self.mode != "identity":
+            self._sample_requests(trainer, pl_module)
+        result = self.measures.compute()  # every rank: a collective
         self.measures.reset()
         if result is None:
-            rank_zero_info("CoverageCallback: no validation video was sampled (max_samples, empty split?)")
+            rank_zero_info("CoverageCallback: nothing was sampled (num_samples, an empty validation split?)")
             return
         values, details = result
         self.last = {name: float(value) for name, value in values.items()}
         for name, value in values.items():  # identical on every rank: computed from gathered states
             pl_module.log(f"val/{name}", value.float(), sync_dist=False)
-        if trainer.is_global_zero:
-            figure = score_histogram({"synthetic": details["synthetic_score"],
-                                      "real (validation)": details["reference_score"]}, float(self.reid.tau))
-            log_image(trainer, "val/coverage_scores", figure, step=trainer.global_step)
+        if trainer.is_global_zero and self.mode != "identity":
+            title = f"protocol {self.protocol.name}"
+            scores = {"synthetic": details["synthetic_score"], "real (validation)": details["reference_score"]}
+            log_image(trainer, "val/coverage_scores", score_histogram(scores, self.calibration.tau, title=title),
+                      step=trainer.global_step)
+            curves = {"synthetic": details["synthetic_curve"], "real (validation)": details["reference_curve"]}
+            log_image(trainer, "val/coverage_curve", coverage_curves(curves, len(self.bank), title=title),
+                      step=trainer.global_step)
 
     def _cache_dir(self, trainer: L.Trainer) -> Path:
         if self.cache_dir is not None:
             return self.cache_dir
         folder = getattr(trainer.logger, "save_dir", None) or trainer.default_root_dir
         return Path(folder) / "reid_cache"
-
-
-def _anything(metric) -> bool:
-    """Whether any rank gave ``metric`` a row (a collective under DDP)."""
-    count = torch.tensor(sum(len(part) for part in metric.index), device=metric.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count)
-    return bool(count > 0)

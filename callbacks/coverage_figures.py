@@ -14,7 +14,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["render", "score_histogram", "ef_scatter", "hit_count_plot", "image_pairs"]
+__all__ = ["render", "score_histogram", "coverage_curves", "ef_scatter", "hit_count_plot", "image_pairs"]
 
 
 def _numpy(values: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
@@ -44,6 +44,25 @@ def score_histogram(scores: Mapping[str, torch.Tensor | np.ndarray], tau: float,
     axes.axvline(tau, color="black", linestyle="--", label=f"τ = {tau:.3g}")
     axes.set_xlabel("re-ID logit s(x, r*)")
     axes.set_ylabel("density")
+    axes.set_title(title)
+    axes.legend(fontsize="small")
+    return render(figure)
+
+
+def coverage_curves(curves: Mapping[str, torch.Tensor | np.ndarray], bank_size: int, *,
+                    title: str = "coverage against the number of videos") -> np.ndarray:
+    """Coverage of the first n videos of each set against n (coverage depends on |S|: read sets at equal n), with
+    |R| marked. ``curves``: name → ``(N,)`` as :func:`~lightning_modules.metrics.functional.coverage_curve` gives."""
+    figure = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    for name, values in curves.items():
+        values = _numpy(values)
+        axes.plot(np.arange(1, len(values) + 1), values, label=f"{name} (n={len(values)})")
+    axes.axvline(bank_size, color="black", linestyle=":", label=f"|R| = {bank_size}")
+    axes.set_xscale("log")
+    axes.set_ylim(0.0, 1.05)
+    axes.set_xlabel("videos compared, n")
+    axes.set_ylabel("coverage (distinct best matches / min(|R|, n))")
     axes.set_title(title)
     axes.legend(fontsize="small")
     return render(figure)

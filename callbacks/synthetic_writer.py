@@ -5,7 +5,8 @@ The DataModule serves generation requests (``data.predict_split: requests``, :mo
 per attempt, with its EF and noise seed. For each batch the writer gives the generator its reference frames (from an
 anatomy model), the generator samples latents (:meth:`VideoDiffusionModule.predict_step`), and the writer decodes
 them with the VAE, writes each video as an AVI, reads the file back and scores what was written with the re-ID model
-against the training split — exactly what ``echo-lvdm evaluate`` would score. A video whose best score exceeds τ is
+against the training split — exactly what ``echo-lvdm evaluate`` would score under the same protocol (clips of
+``num_frames`` at the data's period or fps). A video whose best score exceeds τ — of that protocol — is
 deleted. Kept videos are numbered in attempt order until ``num_videos`` are kept; later passes are surplus.
 
 Output folder::
@@ -13,11 +14,13 @@ Output folder::
     Videos/<prefix>_<attempt>.avi   the kept videos (MJPEG, as EchoNet-Dynamic)
     FileList.csv                    FileName, EF (requested), FrameHeight, FrameWidth, FPS, NumberOfFrames, Split,
                                     PatientID — rewritten atomically after every batch, only rows whose video exists
-    audit.csv                       every attempt: EF, seed, best score, τ, decision (kept / dropped / surplus) —
+    audit.csv                       every attempt: EF, seed, best score, τ and its protocol, decision (kept /
+                                    dropped / surplus) —
                                     scores only, no training file names, so it can be published with the data
-    dataset.json                    the setup (checksums of every model, τ, requests), counts, complete or not
+    dataset.json                    the setup (checksums of every model, τ, requests), the privacy threshold with
+                                    its protocol and held-out set, counts, complete or not
 
-Fail-closed: without a re-ID model, or with one that has no τ, the writer refuses, unless ``unfiltered: true``; an
+Fail-closed: without a re-ID model the writer refuses, unless ``unfiltered: true``; an
 unfiltered dataset says so in ``dataset.json`` and in a ``NOT_PRIVACY_FILTERED.txt`` file beside its FileList.
 Resumable: a re-run with the same setup reads ``audit.csv`` and generates only the attempts that are not in it
 (a video written but not yet listed is deleted first). DDP: rank r generates attempts r, r + W, … of each round, the
@@ -43,12 +46,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from datamodules.dataset import to_model_range
 from datamodules.requests import GenerationRequests
 from datamodules.video_io import atomic_output, read_video, write_video
+from lightning_modules.diffusion_sampling import anatomy_references
 
-AUDIT_COLUMNS = ("Attempt", "FileName", "Split", "EF", "Seed", "Score", "Tau", "Decision", "FrameHeight", "FrameWidth",
-                 "NumberOfFrames")
+AUDIT_COLUMNS = ("Attempt", "FileName", "Split", "EF", "Seed", "Score", "Tau", "TauProtocol", "Decision",
+                 "FrameHeight", "FrameWidth", "NumberOfFrames")
 FILELIST_COLUMNS = ("FileName", "EF", "FrameHeight", "FrameWidth", "FPS", "NumberOfFrames", "Split", "PatientID")
 UNFILTERED_NOTE = "NOT_PRIVACY_FILTERED.txt"
-_ANATOMY_STREAM = 0x5EED  # the reference frame's noise differs from the video's
 
 
 class SyntheticDatasetWriter(BasePredictionWriter):
@@ -56,7 +59,9 @@ class SyntheticDatasetWriter(BasePredictionWriter):
 
     Args:
         out: output folder. num_videos: videos to keep; the cap on attempts is ``data.requests.attempts``.
-        reid: calibrated re-ID checkpoint (τ inside); required unless ``unfiltered``.
+        reid: re-ID checkpoint; required unless ``unfiltered``. Its τ is the one of the filter's protocol (clips of
+            ``num_frames`` at the data's period or fps): stored beside the checkpoint for this data by
+            ``echo-lvdm calibrate``, else calibrated on the real validation split at the model's quantile.
         vae: exported VAE folder (``echo-lvdm export-vae``): decodes the generator's latents, and encodes the written
             videos for a latent re-ID model.
         anatomy: image-mode diffusion checkpoint whose samples (at each request's EF) are the reference frames of a
@@ -79,8 +84,8 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         if num_videos < 1:
             raise ValueError(f"SyntheticDatasetWriter: num_videos must be ≥ 1, got {num_videos}")
         if reid is None and not unfiltered:
-            raise ValueError("SyntheticDatasetWriter: no re-ID model, so no privacy filter. Give reid: <calibrated "
-                             "re-ID checkpoint>, or set unfiltered: true to write a dataset marked as not filtered")
+            raise ValueError("SyntheticDatasetWriter: no re-ID model, so no privacy filter. Give reid: <re-ID "
+                             "checkpoint>, or set unfiltered: true to write a dataset marked as not filtered")
         splits = {"TRAIN": 0.75, "VAL": 0.125, "TEST": 0.125} if splits is None else dict(splits)
         if any(value < 0 for value in splits.values()) or abs(sum(splits.values()) - 1.0) > 1e-6:
             raise ValueError(f"SyntheticDatasetWriter: split fractions must be ≥ 0 and sum to 1, got {splits}")
@@ -94,7 +99,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         self.sampling = {key: value for key, value in dict(num_frames=num_frames, steps=steps, scheduler=sampler,
                                                              guidance_scale=guidance_scale).items() if value is not None}
         self.cache_dir = cache_dir
-        self.reid = self.vae = self.anatomy = self.encoder = self.bank = None
+        self.reid = self.vae = self.anatomy = self.encoder = self.bank = self.calibration = self.protocol = None
         self.tau = float("nan")
         self.rows: dict[int, dict[str, Any]] = {}  # attempt → audit row
         self.split_plan: list[str] = []
@@ -121,7 +126,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         pl_module.predict_options = dict(self.sampling)
         self.num_frames = int(self.sampling.get("num_frames") or pl_module.train_num_frames)
         if self.reid is not None:
-            self.bank = self._embed_training_split(trainer, datamodule)
+            self.bank = self._privacy_bank(trainer, datamodule)
         self.split_plan = split_plan(self.splits, self.num_videos, self.requests.seed)
         self.signature = self._signature(pl_module)
         self._check_folder()  # every rank, so that all of them raise together
@@ -134,33 +139,23 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                        + ("" if self.reid is None else f"; privacy filter τ = {self.tau:.4g}"))
 
     def _load_models(self, pl_module: L.LightningModule, device: torch.device) -> None:
-        from lightning_modules.vae_utils import load_frozen_vae
-        from lightning_modules.diffusion import VideoDiffusionModule
+        from lightning_modules.diffusion import load_diffusion
+        from lightning_modules.reid import load_reid
         from lightning_modules.reid_embeddings import EncodedReID
-        from lightning_modules.reid import NotCalibratedError, load_reid
+        from lightning_modules.vae_utils import load_frozen_vae
 
         if self.vae_path is not None and self.vae is None:
             self.vae = load_frozen_vae(self.vae_path).to(device)
         if self.reid_path is not None and self.reid is None:
             self.reid = load_reid(self.reid_path).to(device)
-            if not self.reid.calibrated:
-                raise NotCalibratedError(f"SyntheticDatasetWriter: {self.reid_path} has no privacy threshold τ, so it "
-                                         "cannot filter; calibrate it (`echo-lvdm validate --config <reid config> "
-                                         "--ckpt_path <ckpt>`) or set unfiltered: true")
             latent = self.reid.hparams.in_channels != 1 and self.vae is not None \
                 and self.reid.hparams.in_channels == self.vae.config.latent_channels
             if self.reid.hparams.in_channels not in (1, 3) and not latent:
                 raise ValueError(f"SyntheticDatasetWriter: {self.reid_path} works in latent space; give vae: "
                                  "<exported VAE folder> to encode the written videos")
             self.encoder = EncodedReID(self.reid, self.vae if latent else None)
-            self.tau = float(self.reid.tau)
         if self.anatomy_path is not None and self.anatomy is None:
-            self.anatomy = VideoDiffusionModule.load_from_checkpoint(self.anatomy_path, map_location=device,
-                                                                     weights_only=True)
-            if self.anatomy.hparams.mode != "image":
-                raise ValueError(f"SyntheticDatasetWriter: anatomy {self.anatomy_path} is a video model; give an "
-                                 "image-mode (anatomy) checkpoint")
-            self.anatomy.eval().requires_grad_(False)
+            self.anatomy = load_diffusion(self.anatomy_path, mode="image", map_location=device)
         hp = getattr(pl_module, "hparams", {})
         if hp.get("reference_conditioning") and self.anatomy is None:
             if not hp.get("reference_dropout"):
@@ -168,18 +163,35 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                                  "give anatomy: <image-mode checkpoint> for its reference frames")
             rank_zero_warn("SyntheticDatasetWriter: no anatomy model; sampling in the model's no-reference mode")
 
-    def _embed_training_split(self, trainer: L.Trainer, datamodule) -> Any:
+    def _privacy_bank(self, trainer: L.Trainer, datamodule) -> Any:
+        """The real training videos embedded under the filter's protocol — clips of ``num_frames`` at the data's
+        period or fps, as written videos are scored — and τ of that protocol: stored beside the re-ID checkpoint for
+        this data (``echo-lvdm calibrate``), else calibrated here on the real validation split."""
         from datamodules.datamodule import EchoNetDataModule
+        from lightning_modules.calibration import calibrate, find_calibration
+        from lightning_modules.protocols import Protocol
         from lightning_modules.reid_embeddings import embed_split
 
         hp = datamodule.hparams
+        self.protocol = Protocol("clip", self.num_frames, 1 if hp.fps is not None else hp.period, hp.fps)
         channels = int(self.vae.config.in_channels) if self.encoder.vae is not None else int(self.reid.hparams.in_channels)
-        real = EchoNetDataModule(datamodule.root_for("train"), sampling="clip", clip_length=self.num_frames,
-                                 period=hp.period, fps=hp.fps, pad="reflect", channels=channels, size=hp.size,
-                                 batch_size=hp.batch_size, num_workers=0, eval_seed=hp.eval_seed)
+        real = EchoNetDataModule(datamodule.root_for("train"), val_root=datamodule.root_for("val"), pad="reflect",
+                                 channels=channels, size=hp.size, batch_size=hp.batch_size, num_workers=0,
+                                 eval_seed=hp.eval_seed, **self.protocol.data_options())
         cache = Path(self.cache_dir) if self.cache_dir is not None else Path(trainer.default_root_dir) / "reid_cache"
         bank = embed_split(self.encoder, real, "train", cache_dir=cache)
-        rank_zero_info(f"SyntheticDatasetWriter: {len(bank)} training videos embedded as the privacy bank")
+        quantile, weights = float(self.reid.hparams.quantile), self.encoder.weights_checksum()
+        data = datamodule.root_for("train")
+        self.calibration = find_calibration(self.reid_path, protocol=self.protocol, quantile=quantile,
+                                            weights_checksum=weights, data=data)
+        if self.calibration is None:
+            heldout = embed_split(self.encoder, real, "val", cache_dir=cache)
+            self.calibration = calibrate(self.reid, bank, heldout, quantile=quantile, protocol=self.protocol,
+                                         heldout_name="val", weights_checksum=weights, data=data)
+        self.tau = self.calibration.holds_for(self.protocol, "the privacy filter's τ")
+        rank_zero_info(f"SyntheticDatasetWriter: {len(bank)} training videos embedded as the privacy bank; protocol "
+                       f"{self.protocol.name}, τ = {self.tau:.4g} from {self.calibration.heldout_videos} "
+                       f"{self.calibration.heldout} videos")
         return bank
 
     def _signature(self, pl_module: L.LightningModule) -> dict[str, Any]:
@@ -196,7 +208,9 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                 "vae": None if self.vae is None else checksum_of_weights(self.vae),
                 "anatomy": None if self.anatomy is None else checksum_of_weights(self.anatomy.state_dict()),
                 "reid": None if self.reid is None else self.reid.weights_checksum(),
-                "tau": None if self.reid is None else self.tau, "requests": requests, "num_videos": self.num_videos,
+                "tau": None if self.reid is None else self.tau,
+                "tau_protocol": None if self.reid is None else self.protocol.name,
+                "requests": requests, "num_videos": self.num_videos,
                 "splits": self.splits, "sampling": self.sampling, "num_frames": self.num_frames, "fps": self.fps,
                 "prefix": self.prefix, "privacy_filtered": not self.unfiltered}
 
@@ -246,9 +260,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         batch["todo"] = batch["valid"] & ~done & (not self.complete)
         if self.anatomy is not None and bool(batch["todo"].any()):
             todo = batch["todo"]
-            generators = [torch.Generator().manual_seed(int(seed) ^ _ANATOMY_STREAM)
-                          for seed in batch["seed"][todo].tolist()]
-            frames = self.anatomy.sample(ef=batch["ef"][todo], generator=generators)[:, 0]
+            frames = anatomy_references(self.anatomy, batch["ef"][todo], batch["seed"][todo].tolist())
             reference = torch.zeros(len(todo), *frames.shape[1:], dtype=frames.dtype, device=frames.device)
             reference[todo] = frames
             batch["reference"] = reference
@@ -293,6 +305,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             path.unlink()
         return {"Attempt": attempt, "FileName": name, "Split": "", "EF": round(ef, 3), "Seed": seed,
                 "Score": "" if score is None else round(score, 6), "Tau": "" if score is None else round(self.tau, 6),
+                "TauProtocol": "" if score is None else self.protocol.name,
                 "Decision": "passed" if passed else "dropped", "FrameHeight": written.shape[1],
                 "FrameWidth": written.shape[2], "NumberOfFrames": len(written)}
 
@@ -316,6 +329,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         counts = {decision: sum(row["Decision"] == decision for row in rows)
                   for decision in ("kept", "dropped", "surplus")}
         meta = {"created_by": "echo-lvdm SyntheticDatasetWriter", "privacy_filtered": not self.unfiltered,
+                "privacy_threshold": None if self.reid is None else self.calibration.as_dict(),
                 "complete": len(kept) >= self.num_videos, "attempts": len(rows), **counts,
                 "attempt_cap": self.requests.attempts, "setup": self.signature}
         with atomic_output(self.out / "dataset.json") as tmp:

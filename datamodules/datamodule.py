@@ -52,7 +52,9 @@ class EchoNetDataModule(L.LightningDataModule):
         on_bad: ``"error"`` reports every broken entry in one error at ``setup()``; ``"skip"`` drops them with one
             counted warning. ``verify``: ``"open"`` decodes each video's first frame at setup, ``"decode"`` all of
             it (slow, exact frame counts), ``"none"`` trusts the FileList.
-        eval_seed: fixes val/test/predict clip positions.
+        eval_seed: fixes val/test/predict clip positions. ``eval_start``: ``"first"`` starts every val/test/predict clip
+            at the video's first frame (``clip_length: 1`` then serves each video's first frame), ``"random"`` at a
+            position fixed by ``eval_seed``.
         seed: seeds the training order and clips per epoch; None follows ``seed_everything``. Training items are a
             function of (seed, epoch) only, so a run resumed with ``--ckpt_path`` sees what an uninterrupted one would.
         group_by_patient: training batches hold a patient's videos together (shuffled patients, then their videos),
@@ -84,6 +86,7 @@ class EchoNetDataModule(L.LightningDataModule):
         on_bad: OnBad = "error",
         verify: Verify = "open",
         eval_seed: int = 0,
+        eval_start: Literal["random", "first"] = "random",
         seed: int | None = None,
         group_by_patient: bool = False,
         predict_split: Split | Literal["all", "requests"] = "test",
@@ -138,7 +141,7 @@ class EchoNetDataModule(L.LightningDataModule):
             raise DataValidationError(f"{table.root / 'FileList.csv'}: no row has Split={split.upper()} (expected {labels})")
         options = dict(sampling=hp.sampling, clip_length=hp.clip_length, period=hp.period if hp.fps is None else None,
                        target_fps=hp.fps, num_frames=hp.num_frames, pad=hp.pad, channels=hp.channels, size=hp.size,
-                       eval_seed=hp.eval_seed)
+                       eval_seed=hp.eval_seed, eval_start=hp.eval_start)
         if hp.space == "pixel":
             return EchoNetVideoDataset(table.records, **options)
         records, scaling_factor, problems = cached_records(table.records, hp.latent_dir, hp.vae_checksum)

@@ -69,7 +69,9 @@ class EchoNetVideoDataset(Dataset):
     ``num_frames`` distinct random frames of the video, in time order. ``sampling="video"``: the whole video at the
     period / target fps (variable length: batch size 1), as encoding for the latent cache needs.
 
-    Items are fetched by key: an int ``index`` gives the evaluation plan, a fixed function of ``(eval_seed, index)``;
+    Items are fetched by key: an int ``index`` gives the evaluation plan, a fixed function of ``(eval_seed, index)``
+    (with ``eval_start="first"``, evaluation clips start at the video's first frame, as a protocol comparing first
+    frames needs);
     a key ``(index, seed, epoch)`` from :class:`~datamodules.sampler.EpochSampler` (training) gives a random plan drawn
     from that key alone, so runs are reproducible across resumes, worker counts and processes.
     """
@@ -89,6 +91,7 @@ class EchoNetVideoDataset(Dataset):
         channels: int = 1,
         size: int | tuple[int, int] | None = None,
         eval_seed: int = 0,
+        eval_start: Literal["random", "first"] = "random",
     ) -> None:
         if sampling not in ("clip", "frames", "video"):
             raise ValueError(f"sampling must be 'clip', 'frames' or 'video', got {sampling!r}")
@@ -96,6 +99,8 @@ class EchoNetVideoDataset(Dataset):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if period is not None and target_fps is not None and period != 1:
             raise ValueError("give either period or target fps, not both")
+        if eval_start not in ("random", "first"):
+            raise ValueError(f"eval_start must be 'random' or 'first', got {eval_start!r}")
         self.records = list(records)
         self.sampling = sampling
         self.clip_length = clip_length
@@ -106,6 +111,7 @@ class EchoNetVideoDataset(Dataset):
         self.channels = channels
         self.size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
         self.eval_seed = eval_seed
+        self.eval_start = eval_start
         self._index_patients()
 
     def _index_patients(self) -> None:
@@ -141,6 +147,8 @@ class EchoNetVideoDataset(Dataset):
             length = math.ceil((record.num_frames - 0.5) / step)
             return clip_indices(record.num_frames, length, step, 0, self.pad), record.fps / step
         start = int(rng.integers(0, max_clip_start(record.num_frames, self.clip_length, step) + 1))
+        if self.eval_start == "first" and not isinstance(key, tuple | list):
+            start = 0
         return clip_indices(record.num_frames, self.clip_length, step, start, self.pad), record.fps / step
 
     def load_frames(self, key: int | SampleKey, frame_indices: np.ndarray) -> torch.Tensor:

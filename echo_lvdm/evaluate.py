@@ -27,13 +27,20 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", type=Path, required=True, help="real EchoNet-layout folder (TRAIN = the bank)")
     parser.add_argument("--synthetic", type=Path, required=True, help="synthetic EchoNet-layout folder (all rows)")
-    parser.add_argument("--reid", type=Path, required=True, help="calibrated ReIDModule checkpoint")
+    parser.add_argument("--reid", type=Path, required=True, help="ReIDModule checkpoint")
     parser.add_argument("--ef", type=Path, help="EFRegressorModule checkpoint: EF faithfulness of the synthetic set")
     parser.add_argument("--vae", type=Path, help="exported VAE folder; needed by a latent re-ID or EF model")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--heldout", default="TEST", choices=["VAL", "TEST"], help="real split used as reference")
+    parser.add_argument("--protocol", help="which frames are compared: first_frame (the seed paper's), frames:N, "
+                        "clip:L, clip:L/pP, clip:L@Ffps (default: clips of --clip-length at --period or --fps)")
+    parser.add_argument("--tau-heldout", default="VAL", choices=["VAL", "TEST"],
+                        help="real split τ is calibrated on, when the re-ID checkpoint has no stored τ of this "
+                        "protocol and data (echo-lvdm calibrate)")
+    parser.add_argument("--quantile", type=float, help="of τ (default: the re-ID model's, 0.95)")
     parser.add_argument("--size", type=int, help="resize frames to this before the VAE or a pixel re-ID")
-    parser.add_argument("--clip-length", type=int, default=16, help="frames per video that are compared")
+    parser.add_argument("--clip-length", type=int, default=16, help="frames per video the EF regressor reads (and "
+                        "the default protocol compares)")
     parser.add_argument("--period", type=int, default=1, help="take every n-th frame")
     parser.add_argument("--fps", type=float, help="instead of --period, resample every video to this frame rate: "
                         "real and synthetic videos at different rates then show the same time span")
@@ -45,17 +52,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
+def protocol_of(args: argparse.Namespace):
+    """The comparison protocol: ``--protocol``, else clips of ``--clip-length`` at ``--period`` or ``--fps``."""
+    from lightning_modules.protocols import Protocol
+
+    if args.protocol:
+        return Protocol.parse(args.protocol)
+    return Protocol("clip", args.clip_length, 1 if args.fps is not None else args.period, args.fps)
+
+
+def resolve_tau(args: argparse.Namespace, model, reid, real, bank, protocol, cache: Path):
+    """τ of ``protocol``: stored beside the re-ID checkpoint for this data (``echo-lvdm calibrate``), else calibrated
+    here from ``--tau-heldout``. Returns ``(calibration, source)``."""
+    from lightning_modules.calibration import calibrate, calibrations_path, find_calibration
+    from lightning_modules.reid_embeddings import embed_split
+
+    quantile = args.quantile if args.quantile is not None else float(reid.hparams.quantile)
+    stored = find_calibration(args.reid, protocol=protocol, quantile=quantile, weights_checksum=model.weights_checksum(),
+                              data=args.real)
+    if stored is not None:
+        return stored, f"stored in {calibrations_path(args.reid).name} ({stored.heldout}, {stored.heldout_videos} videos)"
+    split = args.tau_heldout.lower()
+    heldout = embed_split(model, real, split, cache_dir=cache)
+    calibration = calibrate(reid, bank, heldout, quantile=quantile, protocol=protocol, heldout_name=split,
+                            weights_checksum=model.weights_checksum(), data=args.real)
+    return calibration, f"calibrated here on the {len(heldout)} {args.tau_heldout} videos"
+
+
 def run(args: argparse.Namespace) -> int:
-    from callbacks.coverage import CoverageMeasures
+    from callbacks.coverage_measures import CoverageMeasures
     from datamodules import EchoNetDataModule
-    from lightning_modules.reid import NotCalibratedError, load_reid
+    from lightning_modules.reid import load_reid
     from lightning_modules.reid_embeddings import EncodedReID, embed_split
     from lightning_modules.vae_utils import load_frozen_vae
 
+    protocol = protocol_of(args)
     reid = load_reid(args.reid, map_location=args.device)
-    if not reid.calibrated:
-        raise NotCalibratedError(f"evaluate: {args.reid} has no privacy threshold τ; calibrate it first "
-                                 "(`echo-lvdm validate --config <reid config> --ckpt_path <ckpt>`)")
     latent_reid = reid.hparams.in_channels == 4
     regressor = None
     if args.ef is not None:
@@ -70,37 +102,47 @@ def run(args: argparse.Namespace) -> int:
     vae = load_frozen_vae(args.vae).to(args.device) if args.vae is not None else None
     model = EncodedReID(reid, vae if latent_reid else None)
     channels = int(vae.config.in_channels) if latent_reid else int(reid.hparams.in_channels)
-    options = dict(sampling="clip", clip_length=args.clip_length, period=args.period, fps=args.fps, pad="reflect",
-                   channels=channels, size=args.size, batch_size=args.batch_size, num_workers=0)
-    real = EchoNetDataModule(args.real, **options)
-    synthetic = EchoNetDataModule(args.synthetic, predict_split="all", **options)
+    clips = dict(sampling="clip", clip_length=args.clip_length, period=args.period, fps=args.fps)
+    common = dict(pad="reflect", channels=channels, size=args.size, batch_size=args.batch_size, num_workers=0)
+    real = EchoNetDataModule(args.real, **common, **protocol.data_options())
+    synthetic = EchoNetDataModule(args.synthetic, predict_split="all", **common, **protocol.data_options())
     cache = args.cache_dir or args.out / "reid_cache"
     bank = embed_split(model, real, "train", cache_dir=cache)
     heldout = embed_split(model, real, args.heldout.lower(), cache_dir=cache)
-    log.info("evaluate: bank %d training videos, reference %d %s videos", len(bank), len(heldout), args.heldout)
+    calibration, source = resolve_tau(args, model, reid, real, bank, protocol, cache)
+    log.info("evaluate: protocol %s; bank %d training videos, reference %d %s videos; τ = %.4g, %s", protocol.name,
+             len(bank), len(heldout), args.heldout, calibration.tau, source)
 
-    measures = CoverageMeasures(reid, bank, ef=regressor is not None, k=args.k).to(args.device)
+    measures = CoverageMeasures(reid, bank, calibration, protocol, ef=regressor is not None, k=args.k).to(args.device)
     measures.update_reference(heldout.index, heldout.embedding)
     synthetic.setup("predict")
+    reads_clips = regressor is not None and protocol.data_options() != clips
     with torch.no_grad():
         for batch in synthetic.predict_dataloader():
-            video = batch["video"].to(args.device)
-            read = None
-            if regressor is not None:
+            video, index = batch["video"].to(args.device), batch["index"].to(args.device)
+            measures.update_synthetic(index, model.embed_videos(video))
+            if regressor is not None and not reads_clips:
                 read = regressor.read_ef(model.latents(video) if latent_ef else video, args.ef_size)
-            measures.update_synthetic(batch["index"].to(args.device), model.embed_videos(video),
-                                      batch["ef"].to(args.device), read)
+                measures.update_ef(index, batch["ef"].to(args.device), read)
+        if reads_clips:  # the protocol compares other frames than the clips the EF regressor reads
+            ef_data = EchoNetDataModule(args.synthetic, predict_split="all", **common, **clips)
+            ef_data.setup("predict")
+            for batch in ef_data.predict_dataloader():
+                video = batch["video"].to(args.device)
+                read = regressor.read_ef(model.latents(video) if latent_ef else video, args.ef_size)
+                measures.update_ef(batch["index"].to(args.device), batch["ef"].to(args.device), read)
     result = measures.compute()
     if result is None:
         raise ValueError(f"evaluate: {args.synthetic} has no videos")
     values, details = result
-    write_outputs(args, values, details, real, synthetic, float(reid.tau))
+    write_outputs(args, values, details, real, synthetic, calibration, source, len(bank))
     log.info("evaluate: " + ", ".join(f"{name} {float(value):.4g}" for name, value in values.items()))
     return 0
 
 
-def write_outputs(args: argparse.Namespace, values: dict, details: dict, real, synthetic, tau: float) -> None:
-    from callbacks.coverage_figures import ef_scatter, hit_count_plot, image_pairs, score_histogram
+def write_outputs(args: argparse.Namespace, values: dict, details: dict, real, synthetic, calibration,
+                  tau_source: str, bank_size: int) -> None:
+    from callbacks.coverage_figures import coverage_curves, ef_scatter, hit_count_plot, image_pairs, score_histogram
     from datamodules.video_io import atomic_output
     from lightning_modules.image_logging import to_uint8
 
@@ -108,6 +150,7 @@ def write_outputs(args: argparse.Namespace, values: dict, details: dict, real, s
     train_set, synthetic_set = real.datasets["train"], synthetic.datasets["all"]
     names = [record.file_name for record in synthetic_set.records]
     train_names = [record.file_name for record in train_set.records]
+    tau = calibration.tau
     index, score, match = (details[f"synthetic_{key}"].cpu() for key in ("index", "score", "match"))
     rows = [{"FileName": names[i], "BestScore": round(float(s), 6), "BestMatch": train_names[m],
              "Memorised": bool(s > tau)} for i, s, m in zip(index.tolist(), score.tolist(), match.tolist())]
@@ -119,8 +162,12 @@ def write_outputs(args: argparse.Namespace, values: dict, details: dict, real, s
         writer.writeheader()
         writer.writerows(rows)
 
+    title = f"protocol {calibration.protocol}"
     figures = {"scores": score_histogram({"synthetic": score, f"real {args.heldout}": details["reference_score"]},
-                                         tau),
+                                         tau, title=title),
+               "coverage": coverage_curves({"synthetic": details["synthetic_curve"],
+                                            f"real {args.heldout}": details["reference_curve"]}, bank_size,
+                                           title=title),
                "hits": hit_count_plot(details["hits"])}
     if "ef_read" in details:
         figures["ef"] = ef_scatter(details["ef_requested"], details["ef_read"], r2=float(values["ef_r2"]),
@@ -141,7 +188,8 @@ def write_outputs(args: argparse.Namespace, values: dict, details: dict, real, s
             Image.fromarray(image).save(tmp, format="PNG")
 
     summary = {name: float(value) for name, value in values.items()}
-    summary.update(tau=tau, synthetic_videos=len(rows), training_videos=len(train_set),
+    summary.update(tau=tau, protocol=calibration.protocol, tau_calibration={**calibration.as_dict(), "source": tau_source},
+                   synthetic_videos=len(rows), training_videos=len(train_set),
                    reference_videos=int(len(details.get("reference_index", []))),
                    memorised_videos=[row["FileName"] for row in rows if row["Memorised"]],
                    real=str(args.real), synthetic=str(args.synthetic), reid=str(args.reid),
@@ -157,11 +205,13 @@ def report(summary: dict, figures: list[str], args: argparse.Namespace) -> str:
     lines = [f"# Coverage report: {args.synthetic}", "",
              f"Real data {args.real} ({summary['training_videos']} training videos, {summary['reference_videos']} "
              f"{args.heldout} videos as reference); {summary['synthetic_videos']} synthetic videos; re-ID "
-             f"{args.reid}, τ = {summary['tau']:.4g}.", "", "| measure | value | meaning |", "|---|---|---|"]
+             f"{args.reid}. Videos are compared under protocol `{summary['protocol']}`; τ = {summary['tau']:.4g} at "
+             f"quantile {summary['tau_calibration']['quantile']}, {summary['tau_calibration']['source']}.", "",
+             "| measure | value | meaning |", "|---|---|---|"]
     meanings = {
         "coverage": "distinct best-matching training videos / min(|R|, |S|) (seed paper's 'learned')",
         "reference_coverage": "the same for held-out real videos",
-        "relative_coverage": "coverage / reference coverage",
+        "relative_coverage": "coverage / reference coverage, both at the smaller set's size",
         "memorization_rate": "share of synthetic videos scoring above τ (the privacy filter drops them)",
         "memorized_coverage": "share of training videos reproduced above τ",
         "ef_r2": "R² of requested vs read EF", "ef_mae": "MAE of requested vs read EF (points)",
@@ -169,11 +219,14 @@ def report(summary: dict, figures: list[str], args: argparse.Namespace) -> str:
         "fd_reid": "Fréchet distance to the training set (re-ID space)",
         "temporal_consistency": "mean re-ID similarity of frame 0 with the later frames"}
     lines += [f"| {name} | {summary[name]:.4g} | {text} |" for name, text in meanings.items() if name in summary]
+    lines += [f"| {name} | {value:.4g} | coverage of the first {name[9:]} synthetic videos |"
+              for name, value in summary.items() if name.startswith("coverage@")]
     lines += ["", f"Memorised videos ({len(summary['memorised_videos'])}): "
               + (", ".join(summary["memorised_videos"][:20]) or "none")
               + (" …" if len(summary["memorised_videos"]) > 20 else ""), "",
               "Per-video scores: `synthetic_scores.csv`.", ""]
     captions = {"scores": "Best re-ID score against the training set, synthetic vs held-out real, τ dashed",
+                "coverage": "Coverage against the number of videos compared (it depends on |S|: compare at equal n)",
                 "ef": "EF requested vs read by the regressor", "hits": "How often each training video is the best "
                 "match (the long tail)", "pairs": "The highest-scoring synthetic videos beside their training match"}
     lines += [f"## {captions[name]}\n\n![{name}](figures/{name}.png)\n" for name in figures]

@@ -27,6 +27,7 @@ PLAIN_COMMANDS = {  # command → module
     "sample": "echo_lvdm.sample",
     "pipeline": "echo_lvdm.pipeline",
     "evaluate": "echo_lvdm.evaluate",
+    "calibrate": "echo_lvdm.calibrate",
 }
 
 PLAIN_HELP = {  # kept here so `echo-lvdm --help` imports no command module
@@ -37,6 +38,7 @@ PLAIN_HELP = {  # kept here so `echo-lvdm --help` imports no command module
     "pipeline": "phantom → VAE → latents → re-ID → EF → anatomy → video model → filtered synthetic dataset → report",
     "evaluate": "coverage, memorisation and EF faithfulness of a synthetic EchoNet folder against a real one, with a "
                 "report",
+    "calibrate": "the privacy threshold τ of a re-ID model under a comparison protocol, stored beside its checkpoint",
 }
 
 

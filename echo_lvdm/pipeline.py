@@ -161,15 +161,27 @@ def stage_ef(job: Run) -> dict[str, Any]:
     return result
 
 
+def _coverage(job: Run, stage: str, **init_args: Any) -> dict[str, Any]:
+    """The stage's CoverageCallback: it samples as the generate stage will — the same requests (EF distribution,
+    seeds) and, for the video model, steps and guidance — unless the stage's ``coverage`` settings say otherwise."""
+    generate = job.stage_config("generate")
+    sampling = {key: value for key, value in generate.get("writer", {}).items() if key in ("steps", "guidance_scale")
+                and stage == "video"}
+    requests = {key: value for key, value in generate.get("requests", {}).items() if key != "attempts"}
+    return {"class_path": "callbacks.coverage.CoverageCallback",
+            "init_args": {"reid": job.artifact("reid", "checkpoint"), **({"requests": requests} if requests else {}),
+                          **sampling, **init_args, **job.stage_config(stage).get("coverage", {})}}
+
+
 def stage_anatomy(job: Run) -> dict[str, Any]:
-    return job.fit("anatomy", _latent_data(job))
+    callbacks = job.base_config("anatomy").get("trainer", {}).get("callbacks", []) + [_coverage(job, "anatomy")]
+    return job.fit("anatomy", _merge(_latent_data(job), {"trainer": {"callbacks": callbacks}}))
 
 
 def stage_video(job: Run) -> dict[str, Any]:
     vae = job.artifact("export", "vae")
-    coverage = {"class_path": "callbacks.coverage.CoverageCallback",
-                "init_args": {"reid": job.artifact("reid", "checkpoint"), "ef_regressor": job.artifact("ef", "checkpoint"),
-                              "vae": vae, **job.stage_config("video").get("coverage", {})}}
+    coverage = _coverage(job, "video", ef_regressor=job.artifact("ef", "checkpoint"), vae=vae,
+                         anatomy=job.artifact("anatomy", "checkpoint"))
     callbacks = _patched_callbacks(job.base_config("video"), {"vae": vae}) + [coverage]
     return job.fit("video", _merge(_latent_data(job), {"trainer": {"callbacks": callbacks}}))
 
@@ -264,10 +276,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 SUMMARY = [  # stage, metric, label
-    ("reid", "test/auc", "re-ID test AUC"), ("reid", "val/tau", "τ (privacy threshold)"),
+    ("reid", "test/auc", "re-ID test AUC"), ("reid", "val/tau", "τ of the re-ID model's own protocol (frames)"),
     ("ef", "test/r2", "EF R² (trained on real, tested on real)"), ("ef", "test/mae", "EF MAE (real → real)"),
-    ("video", "val/loss", "video val/loss"), ("video", "val/coverage", "coverage during training (last validation)"),
+    ("anatomy", "val/coverage", "anatomy model: coverage of its frames (last validation)"),
+    ("anatomy", "val/reference_coverage", "anatomy model: reference coverage (validation frames)"),
+    ("anatomy", "val/memorization_rate", "anatomy model: memorisation rate"),
+    ("video", "val/loss", "video val/loss"),
+    ("video", "val/coverage", "video model + anatomy: coverage during training (last validation)"),
+    ("video", "val/reference_coverage", "reference coverage during training (validation videos)"),
     ("video", "val/memorization_rate", "memorisation rate during training"),
+    ("video", "val/tau", "τ of the training-time protocol"),
     ("generate", "kept", "synthetic videos kept"), ("generate", "dropped", "dropped by the privacy filter"),
     ("ef_synthetic", "test/r2", "EF R² (trained on synthetic, tested on real)"),
     ("ef_synthetic", "test/mae", "EF MAE (synthetic → real)"),
@@ -275,6 +293,7 @@ SUMMARY = [  # stage, metric, label
     ("evaluate", "reference_coverage", "reference coverage (held-out real)"),
     ("evaluate", "memorization_rate", "memorisation rate of the synthetic dataset"),
     ("evaluate", "ef_r2", "EF faithfulness R² (requested vs read)"),
+    ("evaluate", "tau", "τ of the evaluation protocol"),
 ]
 
 
@@ -286,6 +305,13 @@ def summary_table(job: Run) -> str:
         value = job.artifacts.get(stage, {}).get("metrics", {}).get(key)
         if value is not None:
             lines.append(f"| {label} | {value:.4g} |" if isinstance(value, float) else f"| {label} | {value} |")
+    # Coverage depends on |S|: the training-time and the dataset's coverage side by side at equal sample counts.
+    video = job.artifacts.get("video", {}).get("metrics", {})
+    dataset = job.artifacts.get("evaluate", {}).get("metrics", {})
+    for key in sorted((k for k in dataset if k.startswith("coverage@")), key=lambda k: int(k[9:])):
+        if f"val/{key}" in video:
+            lines.append(f"| coverage of {key[9:]} videos: during training / of the dataset | "
+                         f"{video[f'val/{key}']:.4g} / {dataset[key]:.4g} |")
     return "\n".join(lines) + "\n"
 
 

@@ -40,10 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def reference_frames(args: argparse.Namespace, efs: list[float], generator: torch.Generator) -> torch.Tensor | None:
     """One scaled reference latent ``(C, h, w)`` per requested EF, stacked; None when neither source is given."""
-    from lightning_modules.diffusion import VideoDiffusionModule
+    from lightning_modules.diffusion import load_diffusion
 
     if args.anatomy is not None:
-        anatomy = VideoDiffusionModule.load_from_checkpoint(args.anatomy, map_location="cpu", weights_only=True)
+        anatomy = load_diffusion(args.anatomy, mode="image")
         # Each reference is an anatomy sample at the EF its video will be asked for.
         return torch.cat([anatomy.sample(ef=efs[i:i + args.batch_size], generator=generator)[:, 0]
                           for i in range(0, len(efs), args.batch_size)])

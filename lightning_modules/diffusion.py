@@ -400,3 +400,13 @@ class VideoDiffusionModule(L.LightningModule):
         reference = batch.get("reference")
         return self.sample(ef=batch["ef"][todo], reference=None if reference is None else reference[todo],
                            generator=generators, **getattr(self, "predict_options", {}))
+
+
+def load_diffusion(checkpoint, mode: str | None = None, map_location="cpu") -> VideoDiffusionModule:
+    """A trained :class:`VideoDiffusionModule` (read with ``weights_only=True``), frozen: eval, no gradients.
+    ``mode``: ``"image"`` for an anatomy model, ``"video"``; a checkpoint of the other mode is refused, naming it."""
+    module = VideoDiffusionModule.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True)
+    if mode is not None and module.hparams.mode != mode:
+        kinds = {"image": "an image-mode (anatomy) model", "video": "a video model"}
+        raise ValueError(f"{checkpoint} is {kinds[module.hparams.mode]}; {kinds[mode]} is needed here")
+    return module.eval().requires_grad_(False)

@@ -87,3 +87,28 @@ def denoising_loop(sampler: SchedulerMixin, model_output: Callable[[torch.Tensor
         prediction = model_output(sampler.scale_model_input(latents, timestep), timestep)
         latents = sampler.step(prediction, timestep, latents, generator=generator).prev_sample
     return latents
+
+
+_ANATOMY_STREAM = 0x5EED  # a reference frame's noise differs from its video's
+
+
+def generate_requested(video_model, anatomy, ef: torch.Tensor, seeds: list[int], **options) -> torch.Tensor:
+    """Fully synthetic latent videos for generation requests (:mod:`datamodules.requests`): request i's reference
+    frame is ``anatomy``'s sample at ``ef[i]`` with noise seeded by ``seeds[i] ^ 0x5EED``, and its video is
+    ``video_model``'s sample on that frame with noise seeded by ``seeds[i]`` — whatever batch or rank it is in, so the
+    coverage callback measures the very videos the synthetic dataset writer generates for the same requests.
+    ``anatomy`` None: the video model's no-reference mode. ``options``: the video model's
+    :meth:`~lightning_modules.diffusion.VideoDiffusionModule.sample` options (steps, scheduler, …); the anatomy model
+    samples with its own defaults, as the writer's does."""
+    reference = None
+    if anatomy is not None:
+        reference = anatomy_references(anatomy, ef, seeds)
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    return video_model.sample(ef=ef, reference=reference, generator=generators, **options)
+
+
+def anatomy_references(anatomy, ef: torch.Tensor, seeds: list[int], **options) -> torch.Tensor:
+    """Reference latent frames ``(N, C, h, w)`` from an image-mode (anatomy) model, one per request (see
+    :func:`generate_requested`), sampled with the model's own defaults unless ``options`` say otherwise."""
+    generators = [torch.Generator().manual_seed(int(seed) ^ _ANATOMY_STREAM) for seed in seeds]
+    return anatomy.sample(ef=ef, generator=generators, **options)[:, 0]

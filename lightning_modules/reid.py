@@ -14,6 +14,7 @@ from torchmetrics.classification import BinaryAccuracy
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 
 from lightning_modules.metrics import IndexedCat
+from lightning_modules.protocols import Protocol
 from lightning_modules.components.resnet import BlockKind, NormKind, ResNetEncoder, StemKind
 from lightning_modules.reid_embeddings import EmbeddedSplit, embed_split
 from lightning_modules.reid_search import (
@@ -54,10 +55,12 @@ class ReIDModule(L.LightningModule):
 
     Calibration: at the end of every ``calibrate_every_n_epochs``-th validation the training split is embedded and
     τ (:func:`~lightning_modules.reid_search.privacy_threshold` at ``quantile``) is computed from the validation videos
-    against it, so each checkpoint carries the τ of its own weights (``tau`` buffer, ``nan`` until calibrated);
-    ``validate`` recalibrates on demand, ``test`` reports ``test/tau`` from the test split. A video's score against a
-    bank is the best over its frames and the bank's frames. The checkpoint callback of ``echo-lvdm fit``
-    writes τ to a JSON next to each checkpoint.
+    against it, so each checkpoint carries the τ of its own weights (``tau`` buffer, ``nan`` until calibrated) and the
+    protocol it holds under (``tau_protocol``: the DataModule's, e.g. ``frames:4``; see
+    :mod:`lightning_modules.protocols`); ``validate`` recalibrates on demand, ``test`` reports ``test/tau`` from the
+    test split. A video's score against a bank is the best over its frames and the bank's frames. The checkpoint
+    callback of ``echo-lvdm fit`` writes τ to a JSON next to each checkpoint. Measuring under another protocol needs a
+    τ of that protocol (:mod:`lightning_modules.calibration`, ``echo-lvdm calibrate``).
 
     Args:
         in_channels: 4 for latents, 1–3 for pixels. layers, block, width, stem, embedding_dim, norm: the
@@ -119,6 +122,7 @@ class ReIDModule(L.LightningModule):
         self.head = nn.Linear(embedding_dim, 1)
         self.register_buffer("tau", torch.tensor(math.nan, dtype=torch.float64))
         self.register_buffer("tau_quantile", torch.tensor(math.nan, dtype=torch.float64))
+        self.tau_protocol: str | None = None  # the protocol τ was calibrated under; in the checkpoint
         self.train_accuracy = BinaryAccuracy()
         self.collectors = nn.ModuleDict({stage: IndexedCat(["embedding", "patient"]) for stage in EVAL_STAGES})
 
@@ -171,16 +175,20 @@ class ReIDModule(L.LightningModule):
 
     def calibration(self) -> dict[str, float | str]:
         """τ, its quantile and the weights checksum, as written next to checkpoints."""
-        return {"tau": float(self.tau), "quantile": float(self.tau_quantile), "score": "logit",
-                "weights_checksum": self.weights_checksum()}
+        return {"tau": float(self.tau), "quantile": float(self.tau_quantile), "protocol": self.tau_protocol,
+                "score": "logit", "weights_checksum": self.weights_checksum()}
 
-    def privacy_filter(self, queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def privacy_filter(self, queries: torch.Tensor, bank: torch.Tensor,
+                       protocol: Protocol | str) -> tuple[torch.Tensor, torch.Tensor]:
         """Which query videos may be kept: ``(keep (N,) bool, best score (N,))``; a video is dropped when its best
-        score against the training bank exceeds τ. Refuses (:class:`NotCalibratedError`) without τ."""
+        score against the training bank exceeds τ. ``protocol``: how ``queries`` and ``bank`` were embedded. Refuses
+        without τ (:class:`NotCalibratedError`) and with a τ of another protocol
+        (:class:`~lightning_modules.protocols.ProtocolMismatchError`)."""
         if not self.calibrated:
             raise NotCalibratedError(
                 "this re-identification model has no privacy threshold τ, so it cannot filter: calibrate it "
                 "(`echo-lvdm validate --config <reid config> --ckpt_path <ckpt>`, or ReIDModule.calibrate)")
+        Protocol.parse(protocol).require(self.tau_protocol or "unrecorded", "this checkpoint's τ")
         values, _ = self.video_search(queries, bank)
         return values <= float(self.tau), values
 
@@ -200,6 +208,7 @@ class ReIDModule(L.LightningModule):
         tau = self.threshold_from(heldout, bank)
         self.tau.fill_(tau)
         self.tau_quantile.fill_(self.hparams.quantile)
+        self.tau_protocol = Protocol.of_data(datamodule.hparams).name
         return tau
 
     def threshold_from(self, heldout: EmbeddedSplit, bank: EmbeddedSplit) -> float:
@@ -272,6 +281,7 @@ class ReIDModule(L.LightningModule):
             if stage == "val":
                 self.tau.fill_(tau)
                 self.tau_quantile.fill_(self.hparams.quantile)
+                self.tau_protocol = Protocol.of_data(self.trainer.datamodule.hparams).name
             metrics["tau"] = torch.tensor(tau)
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value.float(), sync_dist=True)  # identical on every rank already
@@ -284,6 +294,12 @@ class ReIDModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tau_protocol"] = self.tau_protocol
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.tau_protocol = checkpoint.get("tau_protocol")  # None in checkpoints written before it was recorded
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

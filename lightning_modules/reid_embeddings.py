@@ -24,7 +24,7 @@ from lightning_modules.vae_utils import checksum_of_weights
 
 # DataModule options that change which frames are embedded and how they look (batching and workers do not).
 _KEY_OPTIONS = ("sampling", "clip_length", "period", "fps", "num_frames", "pad", "channels", "size", "eval_seed",
-                "space", "latent_dir", "latent_posterior", "latent_scaled", "vae_checksum")
+                "eval_start", "space", "latent_dir", "latent_posterior", "latent_scaled", "vae_checksum")
 
 
 @dataclass

@@ -47,12 +47,14 @@ def vae_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A 40-patient real phantom (20 train / 10 val / 10 test), 14 new phantom patients, a random tiny VAE and a
-    distance re-ID calibrated on the 20 held-out videos (τ = their highest score; frames 32 px, clips of 16): the
-    real and synthetic folders of ``evaluate`` and the privacy filter's tests."""
+    distance re-ID calibrated on the 20 held-out videos (τ = their highest score; frames 32 px, clips of 16; stored
+    beside its checkpoint for protocol clip:16): the real and synthetic folders of ``evaluate`` and the privacy
+    filter's tests."""
     import torch
 
     from datamodules import EchoNetDataModule, generate_phantom
     from lightning_modules import EFRegressorModule
+    from lightning_modules.calibration import Calibration, store_calibration
     from lightning_modules.reid_embeddings import EncodedReID, embed_split
 
     out = tmp_path_factory.mktemp("evaluate")
@@ -62,8 +64,9 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     vae = tiny_diffusers_vae(PLANTED_SIZE, 0.5)
     vae.save_pretrained(out / "vae", safe_serialization=True)
     # τ = the highest held-out score (quantile 1): at the default 0.95, 5 % of new patients would count as
-    # memorised by construction, and the planted fractions would be off by that much.
-    reid = distance_reid()
+    # memorised by construction, and the planted fractions would be off by that much. Stored for the protocol the
+    # privacy tests compare under (clips of 16), as `echo-lvdm calibrate` stores it.
+    reid = distance_reid(quantile=1.0)
     model = EncodedReID(reid, vae.eval())
     datamodule = EchoNetDataModule(real, clip_length=PLANTED_CLIP, pad="reflect", batch_size=8)
     with torch.no_grad():
@@ -72,9 +75,15 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         best = torch.cat([reid.video_search(split.embedding, bank.embedding)[0] for split in heldout])
     reid.tau.fill_(float(best.max()))
     reid.tau_quantile.fill_(1.0)
+    reid.tau_protocol = f"clip:{PLANTED_CLIP}"
+    reid_path = save_cli_checkpoint(reid, out / "reid.ckpt")
+    store_calibration(reid_path, Calibration(
+        tau=float(best.max()), protocol=f"clip:{PLANTED_CLIP}", quantile=1.0, heldout="val+test",
+        heldout_videos=len(best), bank_videos=len(bank), weights_checksum=model.weights_checksum(),
+        data=str(real.resolve())))
     train = [row for row in read_filelist(real) if row["Split"] == "TRAIN"]
     regressor = EFRegressorModule(in_channels=1, **TINY_EF)
     with torch.no_grad():
         regressor.network.fc.bias.fill_(50.0)
-    return SimpleNamespace(out=out, real=real, new=new, train=train, reid=save_cli_checkpoint(reid, out / "reid.ckpt"),
+    return SimpleNamespace(out=out, real=real, new=new, train=train, reid=reid_path, tau=float(best.max()),
                            ef=save_cli_checkpoint(regressor, out / "ef.ckpt"))

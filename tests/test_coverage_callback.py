@@ -1,6 +1,8 @@
-"""CoverageCallback: the values it logs at validation equal an independent computation from the samples (brute-force
-search, the prdc package, scipy's sqrtm, numpy), every validation of a fit is measured and draws the figure, a
-2-process DDP validation logs the values of 1 process, and clear errors for models it cannot measure."""
+"""CoverageCallback measures the chain that ships: the values it logs equal an independent computation from the
+samples it must draw (brute-force search over every frame pair, numpy's quantile for τ, the prdc package, scipy's
+sqrtm) — for anatomy-model frames, for videos animated from them, and, for videos animated from real frames, identity
+preservation instead of coverage; planted generators that copy k % of the training set read coverage k % and
+memorisation 1; every validation of a fit is measured; 2 DDP processes log the values of 1; clear errors."""
 
 from __future__ import annotations
 
@@ -17,141 +19,298 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks.coverage import METRIC_NAMES, CoverageCallback
-from datamodules.datamodule import EchoNetDataModule
+from callbacks.coverage import CoverageCallback
+from callbacks.coverage_measures import IDENTITY_METRIC_NAMES, METRIC_NAMES, CoverageMeasures
+from datamodules import EchoNetDataModule, GenerationRequests, generate_phantom
+from lightning_modules.calibration import Calibration
 from lightning_modules.diffusion import VideoDiffusionModule
 from lightning_modules.ef_regressor import EFRegressorModule
-from lightning_modules.reid import NotCalibratedError, ReIDModule
+from lightning_modules.protocols import ProtocolMismatchError
+from lightning_modules.reid import ReIDModule
 from tests.helpers.cli import REPO
 from tests.helpers.data import encode_tiny_latents
 from tests.helpers.models import TINY_DIFFUSION, TINY_EF, distance_reid, save_cli_checkpoint
 
-FRAMES, LATENT = 4, 8
-STEPS = 2
+FRAMES, LATENT, STEPS = 4, 8, 2
+
+
+def untrained(**kwargs) -> VideoDiffusionModule:
+    module = VideoDiffusionModule(**TINY_DIFFUSION, ema_decay=None, **kwargs)
+    module.train_num_frames.fill_(1 if kwargs.get("mode") == "image" else FRAMES)
+    module.train_fps.fill_(12.5)
+    module.latent_shape.copy_(torch.tensor([4, LATENT, LATENT]))
+    return module
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> SimpleNamespace:
-    """A 12-patient phantom encoded by a tiny VAE (latents 4 × 8 × 8), a calibrated re-ID, an EF regressor and an
-    untrained tiny video diffusion model, all as checkpoints."""
-    from datamodules.phantom import generate_phantom
-
+    """A 12-patient phantom encoded by a tiny VAE (latents 4 × 8 × 8; 6 train, 5 val videos), a distance re-ID, an
+    EF regressor on latents, and untrained tiny video and anatomy models, all as checkpoints."""
     out = tmp_path_factory.mktemp("coverage")
     root = generate_phantom(out / "data", patients=12, videos_per_patient=1, seed=5, size=32, frames=(20, 24),
                             split_fractions=(0.5, 0.4, 0.1))
     encode_tiny_latents(root, out / "latents")
     data = dict(root=root, space="latent", latent_dir=str(out / "latents"), clip_length=FRAMES, batch_size=2)
-    datamodule = EchoNetDataModule(**data)
     reid = distance_reid()
-    reid.calibrate(datamodule)
     regressor = EFRegressorModule(in_channels=4, **TINY_EF)
     with torch.no_grad():
         regressor.network.fc.bias.fill_(50.0)
     torch.manual_seed(1)
-    diffusion = VideoDiffusionModule(**TINY_DIFFUSION, ema_decay=None)
-    diffusion.train_num_frames.fill_(FRAMES)
-    diffusion.train_fps.fill_(12.5)
-    diffusion.latent_shape.copy_(torch.tensor([4, LATENT, LATENT]))
+    diffusion = untrained(reference_dropout=0.1)
+    anatomy = untrained(mode="image", reference_conditioning=False)
     return SimpleNamespace(root=root, out=out, data=data, reid=reid, regressor=regressor, diffusion=diffusion,
-                           reid_ckpt=save_cli_checkpoint(reid, out / "reid.ckpt"),
+                           anatomy=anatomy, reid_ckpt=save_cli_checkpoint(reid, out / "reid.ckpt"),
                            ef_ckpt=save_cli_checkpoint(regressor, out / "ef.ckpt"),
-                           lvdm_ckpt=save_cli_checkpoint(diffusion, out / "lvdm.ckpt"))
+                           lvdm_ckpt=save_cli_checkpoint(diffusion, out / "lvdm.ckpt"),
+                           lidm_ckpt=save_cli_checkpoint(anatomy, out / "lidm.ckpt"))
 
 
-def logged_rows(log_dir: Path) -> list[dict[str, str]]:
-    return [row for row in csv.DictReader(open(next(Path(log_dir).rglob("metrics.csv")))) if row.get("val/coverage")]
+# ---------------------------------------------------------------------------------------------- the oracle
+def split_videos(world, split: str, **options) -> dict[str, torch.Tensor]:
+    """One batch of a whole split, served as evaluation serves it (posterior means unless ``options`` say not)."""
+    datamodule = EchoNetDataModule(**{**world.data, "batch_size": 64, "latent_posterior": "mean", **options})
+    datamodule.setup("fit")
+    return next(iter(datamodule.eval_dataloader(split)))
 
 
-def by_hand(world: SimpleNamespace, max_samples: int) -> dict[str, float]:
-    """Every metric from the samples with independent code: per-video generators, the head applied to every pair."""
+class Oracle:
+    """The head on every frame pair, in float64."""
+
+    def __init__(self, reid: ReIDModule, bank_videos: torch.Tensor) -> None:
+        self.reid = reid
+        self.weight, self.bias = reid.head.weight.detach().double().reshape(-1), float(reid.head.bias)
+        self.bank = self.embed(bank_videos)
+
+    def embed(self, videos: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.reid.embed_videos(videos).double()
+
+    def best(self, queries: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        scores = ((queries[:, :, None, None] - self.bank[None, None]).abs() @ self.weight) + self.bias  # (Q,F,R,F')
+        value, column = scores.flatten(2).max(dim=1).values.max(dim=1)
+        return value.numpy(), (column // self.bank.shape[1]).numpy()
+
+    def pair(self, first: torch.Tensor, second: torch.Tensor) -> np.ndarray:
+        return (((first[:, :, None] - second[:, None]).abs() @ self.weight) + self.bias).flatten(1).max(1).values.numpy()
+
+
+def coverage_of(matches: np.ndarray, bank: int) -> float:
+    return len(set(matches.tolist())) / min(bank, len(matches))
+
+
+def distribution(oracle: Oracle, fake: torch.Tensor, k: int = 2) -> dict[str, float]:
     from prdc import compute_prdc
     from scipy.linalg import sqrtm
 
-    datamodule = EchoNetDataModule(**{**world.data, "batch_size": 64})
-    datamodule.setup("fit")
-    reid, regressor = world.reid, world.regressor
-    train = next(iter(datamodule.eval_dataloader("train")))
-    val = next(iter(datamodule.eval_dataloader("val")))
-    chosen = val["index"] < max_samples
-    real, ef, index = val["video"][chosen], val["ef"][chosen], val["index"][chosen]
-    generators = [torch.Generator().manual_seed(int(i)) for i in index]  # seed 0: 0 · 1_000_003 + index
-    synthetic = world.diffusion.sample(ef=ef, reference=real[:, 0], num_frames=FRAMES, steps=STEPS,
-                                       generator=generators)
-    with torch.no_grad():
-        bank, fake, heldout = (reid.embed_videos(v).double() for v in (train["video"], synthetic, real))
-        weight, bias = reid.head.weight.double().reshape(-1), float(reid.head.bias)
+    real, fake = oracle.bank.mean(1).numpy(), fake.mean(1).numpy()
+    prdc = compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
+    cov1, cov2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    fd = float(((real.mean(0) - fake.mean(0)) ** 2).sum() + np.trace(cov1 + cov2 - 2 * np.real(sqrtm(cov1 @ cov2))))
+    return {"density": prdc["density"], "prdc_coverage": prdc["coverage"], "fd_reid": fd}
 
-        def best(queries):  # every frame of every query against every frame of every training video
-            scores = ((queries[:, :, None, None] - bank[None, None]).abs() @ weight) + bias  # (Q, F, R, F')
-            flat = scores.flatten(2).max(dim=1).values  # (Q, R·F')
-            value, column = flat.max(dim=1)
-            return value.numpy(), (column // bank.shape[1]).numpy()
 
-        fake_score, fake_match = best(fake)
-        _, real_match = best(heldout)
-        read = regressor.read_ef(synthetic).double().numpy()
-    n_bank, n = len(bank), len(fake)
-    coverage = len(set(fake_match.tolist())) / min(n_bank, n)
-    reference = len(set(real_match.tolist())) / min(n_bank, n)
-    prdc = compute_prdc(real_features=bank.mean(1).numpy(), fake_features=fake.mean(1).numpy(), nearest_k=2)
-    mu1, mu2 = bank.mean(1).mean(0).numpy(), fake.mean(1).mean(0).numpy()
-    cov1, cov2 = np.cov(bank.mean(1).numpy(), rowvar=False), np.cov(fake.mean(1).numpy(), rowvar=False)
-    fd = float(((mu1 - mu2) ** 2).sum() + np.trace(cov1 + cov2 - 2 * np.real(sqrtm(cov1 @ cov2))))
-    similarity = 1 / (1 + np.exp(-((np.abs((fake[:, :1] - fake[:, 1:]).numpy()) @ weight.numpy()) + bias)))
-    requested = ef.double().numpy()
-    return {"coverage": coverage, "reference_coverage": reference, "relative_coverage": coverage / reference,
-            "memorization_rate": float((fake_score > float(reid.tau)).mean()),
-            "memorized_coverage": len(set(fake_match[fake_score > float(reid.tau)].tolist())) / n_bank,
-            "density": prdc["density"],
-            "prdc_coverage": prdc["coverage"], "fd_reid": fd, "temporal_consistency": float(similarity.mean()),
-            "ef_mae": float(np.abs(read - requested).mean()),
+def temporal(oracle: Oracle, fake: torch.Tensor) -> float:
+    logits = (np.abs((fake[:, :1] - fake[:, 1:]).numpy()) @ oracle.weight.numpy()) + oracle.bias
+    return float((1 / (1 + np.exp(-logits))).mean())
+
+
+def ef_faithfulness(read: np.ndarray, requested: np.ndarray) -> dict[str, float]:
+    return {"ef_mae": float(np.abs(read - requested).mean()),
             "ef_r2": float(1 - ((read - requested) ** 2).sum() / ((requested - requested.mean()) ** 2).sum())}
 
 
-def test_validation_logs_each_metric_equal_to_an_independent_computation(world, tmp_path):
-    callback = CoverageCallback(str(world.reid_ckpt), ef_regressor=str(world.ef_ckpt), max_samples=4, steps=STEPS,
-                                k=2, cache_dir=str(tmp_path / "cache"))
-    trainer = L.Trainer(accelerator="cpu", logger=CSVLogger(tmp_path, name="run"), callbacks=[callback],
+def synthetic_oracle(world, num_samples: int, *, first_frame: bool = False) -> dict[str, float]:
+    """Requests 0 … n − 1 (uniform EF, seed 0), each animated from its anatomy frame (noise seed ^ 0x5EED) with its
+    own noise — or, with ``first_frame``, the anatomy model's frames themselves — against the training videos under
+    the callback's protocol (4-frame clips; first frames), τ the 0.95-quantile of the validation videos."""
+    options = dict(clip_length=1, eval_start="first") if first_frame else {}
+    oracle = Oracle(world.reid, split_videos(world, "train", **options)["video"])
+    heldout = oracle.embed(split_videos(world, "val", **options)["video"])
+    requests = GenerationRequests(attempts=num_samples)
+    ef = torch.tensor([requests.ef(i) for i in range(num_samples)])
+    seeds = [requests.noise_seed(i) for i in range(num_samples)]
+    frames = world.anatomy.sample(ef=ef, generator=[torch.Generator().manual_seed(s ^ 0x5EED) for s in seeds])
+    if first_frame:
+        synthetic = frames
+    else:
+        synthetic = world.diffusion.sample(ef=ef, reference=frames[:, 0], num_frames=FRAMES, steps=STEPS,
+                                           generator=[torch.Generator().manual_seed(s) for s in seeds])
+    fake = oracle.embed(synthetic)
+    fake_score, fake_match = oracle.best(fake)
+    real_score, real_match = oracle.best(heldout)
+    tau = float(np.quantile(real_score, 0.95))
+    bank, n = len(oracle.bank), len(fake)
+    coverage, reference = coverage_of(fake_match, bank), coverage_of(real_match, bank)
+    equal = min(n, len(real_match))
+    values = {"coverage": coverage, "reference_coverage": reference, "tau": tau,
+              "relative_coverage": coverage_of(fake_match[:equal], bank) / coverage_of(real_match[:equal], bank),
+              "memorization_rate": float((fake_score > tau).mean()),
+              "memorized_coverage": len(set(fake_match[fake_score > tau].tolist())) / bank,
+              **distribution(oracle, fake)}
+    values.update({f"coverage@{size}": coverage_of(fake_match[:size], bank) for size in (1, 3, 5, 6) if size <= n})
+    if not first_frame:
+        values["temporal_consistency"] = temporal(oracle, fake)
+        values.update(ef_faithfulness(world.regressor.read_ef(synthetic).double().numpy(), ef.double().numpy()))
+    return values
+
+
+def identity_oracle(world, num_samples: int) -> dict[str, float]:
+    """Validation videos with index < n animated from their first frame (as served in validation, posterior
+    samples), each scored against its own source video."""
+    oracle = Oracle(world.reid, split_videos(world, "train")["video"])
+    source = oracle.embed(split_videos(world, "val")["video"])
+    val = split_videos(world, "val", latent_posterior="sample")
+    chosen = val["index"] < num_samples
+    real, ef, index = val["video"][chosen], val["ef"][chosen], val["index"][chosen]
+    synthetic = world.diffusion.sample(ef=ef, reference=real[:, 0], num_frames=FRAMES, steps=STEPS,
+                                       generator=[torch.Generator().manual_seed(int(i)) for i in index])
+    fake = oracle.embed(synthetic)
+    tau = float(np.quantile(oracle.best(source)[0], 0.95))
+    identity = oracle.pair(fake, source[index])
+    return {"identity_score": float(identity.mean()), "identity_above_tau": float((identity > tau).mean()),
+            "tau": tau, "fd_reid": distribution(oracle, fake)["fd_reid"], "temporal_consistency": temporal(oracle, fake),
+            **ef_faithfulness(world.regressor.read_ef(synthetic).double().numpy(), ef.double().numpy())}
+
+
+def logged(log_dir: Path) -> dict[str, float]:
+    (row,) = [row for row in csv.DictReader(open(next(Path(log_dir).rglob("metrics.csv")))) if row.get("val/tau")]
+    return {key.removeprefix("val/"): float(value) for key, value in row.items() if key.startswith("val/") and value}
+
+
+def validate(module, callback: CoverageCallback, root: Path, data: dict) -> dict[str, float]:
+    trainer = L.Trainer(accelerator="cpu", logger=CSVLogger(root, name="run"), callbacks=[callback],
                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.validate(world.diffusion, EchoNetDataModule(**world.data))
-    (row,) = logged_rows(trainer.logger.log_dir)
-    expected = by_hand(world, max_samples=4)
-    assert set(METRIC_NAMES) <= {key.removeprefix("val/") for key in row}
-    for name in METRIC_NAMES:
-        assert float(row[f"val/{name}"]) == pytest.approx(expected[name], rel=1e-4, abs=1e-5), name
-    assert callback.last["memorization_rate"] == pytest.approx(expected["memorization_rate"])
-    # The training split was embedded once, into the cache; the figure is in the logs.
+    trainer.validate(module, EchoNetDataModule(**data))
+    return logged(trainer.logger.log_dir)
+
+
+# ------------------------------------------------------------------------------------------- the three modes
+def test_videos_animated_from_anatomy_frames_log_what_an_independent_computation_gives(world, tmp_path):
+    callback = CoverageCallback(str(world.reid_ckpt), ef_regressor=str(world.ef_ckpt), anatomy=str(world.lidm_ckpt),
+                                num_samples=7, batch_size=3, steps=STEPS, k=2, cache_dir=str(tmp_path / "cache"))
+    values = validate(world.diffusion, callback, tmp_path, world.data)
+    expected = synthetic_oracle(world, 7)
+    assert set(METRIC_NAMES) <= set(values) and not {"identity_score", "identity_above_tau"} & set(values)
+    assert {key for key in values if key.startswith("coverage@")} == {"coverage@1", "coverage@3", "coverage@5",
+                                                                    "coverage@6", "coverage@7"}
+    for name, value in expected.items():
+        assert values[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    assert callback.protocol.name == "clip:4" and callback.calibration.heldout_videos == 5
+    # Both splits were embedded once, into the cache; both figures are in the logs.
     assert len(list((tmp_path / "cache").glob("reid-train-*.safetensors"))) == 1
-    assert len(list(Path(trainer.logger.log_dir, "images").glob("val_coverage_scores_step*.png"))) == 1
+    images = sorted(path.name.split("_step")[0] for path in (tmp_path / "run").rglob("*.png"))
+    assert images == ["val_coverage_curve", "val_coverage_scores"]
 
 
+def test_an_anatomy_fit_measures_its_own_frames_against_first_frames(world, tmp_path):
+    callback = CoverageCallback(str(world.reid_ckpt), num_samples=7, batch_size=4, k=2,
+                                cache_dir=str(tmp_path / "cache"))
+    values = validate(world.anatomy, callback, tmp_path, {**world.data, "sampling": "frames", "num_frames": 2})
+    expected = synthetic_oracle(world, 7, first_frame=True)
+    assert callback.protocol.name == "first_frame"
+    assert not {"ef_r2", "temporal_consistency"} & set(values)
+    for name, value in expected.items():
+        assert values[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+
+
+def test_videos_animated_from_real_frames_are_measured_as_identity_preservation_not_coverage(world, tmp_path):
+    callback = CoverageCallback(str(world.reid_ckpt), ef_regressor=str(world.ef_ckpt), num_samples=4, steps=STEPS,
+                                k=2, cache_dir=str(tmp_path / "cache"))
+    values = validate(world.diffusion, callback, tmp_path, world.data)
+    assert set(values) - {"loss"} == set(IDENTITY_METRIC_NAMES)  # no coverage, no memorisation
+    for name, value in identity_oracle(world, 4).items():
+        assert values[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+
+
+# ------------------------------------------------------------------------------------ planted generators
+class PlantedAnatomy(L.LightningModule):
+    """An "anatomy model" that returns one of ``frames`` (the first frames of a share of the training videos) for
+    each sample, chosen by the sample's generator."""
+
+    def __init__(self, frames: torch.Tensor) -> None:
+        super().__init__()
+        self.hparams.update(mode="image", latent_channels=4, reference_conditioning=False)
+        self.frames = frames
+
+    def sample(self, ef=None, generator=None, **options) -> torch.Tensor:
+        picks = [int(torch.randint(len(self.frames), (1,), generator=g)) for g in generator]
+        return self.frames[picks][:, None].to(self.device)
+
+    def validation_step(self, batch, batch_idx) -> None:
+        pass
+
+
+class PlantedVideo(L.LightningModule):
+    """A "video model" that, given a reference frame, returns the training clip that starts with it."""
+
+    def __init__(self, clips: torch.Tensor) -> None:
+        super().__init__()
+        self.hparams.update(mode="video", latent_channels=4, reference_conditioning=True)
+        self.clips = clips
+        self.register_buffer("train_num_frames", torch.tensor(clips.shape[1]))
+
+    def sample(self, ef=None, reference=None, **options) -> torch.Tensor:
+        rows = [int(torch.nonzero((self.clips[:, 0] == frame.cpu()).flatten(1).all(1))[0]) for frame in reference]
+        return self.clips[rows].to(self.device)
+
+    def validation_step(self, batch, batch_idx) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def planted_world(tmp_path_factory) -> SimpleNamespace:
+    """18 training and 9 validation videos; the first 6 training videos (a third) are the ones planted."""
+    out = tmp_path_factory.mktemp("planted_coverage")
+    root = generate_phantom(out / "data", patients=30, videos_per_patient=1, seed=9, size=32, frames=(16, 20),
+                            split_fractions=(0.6, 0.3, 0.1))
+    encode_tiny_latents(root, out / "latents")
+    data = dict(root=root, space="latent", latent_dir=str(out / "latents"), clip_length=FRAMES, batch_size=4)
+    return SimpleNamespace(out=out, data=data, reid=save_cli_checkpoint(distance_reid(), out / "reid.ckpt"))
+
+
+@pytest.mark.parametrize("mode", ["anatomy", "video"])
+def test_a_generator_copying_a_third_of_the_training_set_covers_a_third_and_is_all_memorised(planted_world, tmp_path,
+                                                                                            mode):
+    share = 6
+    callback = CoverageCallback(str(planted_world.reid), num_samples=36, k=2, cache_dir=str(tmp_path / "cache"))
+    if mode == "anatomy":
+        first = split_videos(planted_world, "train", clip_length=1, eval_start="first")["video"][:share, 0]
+        module, data = PlantedAnatomy(first), {**planted_world.data, "sampling": "frames"}
+    else:
+        clips = split_videos(planted_world, "train")["video"][:share]  # the training clips the bank holds
+        callback.anatomy = PlantedAnatomy(clips[:, 0])
+        module, data = PlantedVideo(clips), planted_world.data
+    values = validate(module, callback, tmp_path, data)
+    assert len(callback.bank) == 18 and callback.mode == ("anatomy" if mode == "anatomy" else "synthetic")
+    assert values["coverage"] == pytest.approx(share / 18)  # 36 samples, 18 training videos: 6 / min(18, 36)
+    assert values["memorization_rate"] == 1.0 and values["memorized_coverage"] == pytest.approx(share / 18)
+    assert values["coverage@36"] == values["coverage"] and values["coverage@9"] <= share / 9 + 1e-6
+
+
+# ------------------------------------------------------------------------------------------ fits and errors
 def test_every_validation_of_a_fit_is_measured_but_not_the_sanity_check(world, tmp_path):
     torch.manual_seed(0)
-    module = VideoDiffusionModule(**TINY_DIFFUSION)
-    callback = CoverageCallback(str(world.reid_ckpt), max_samples=3, steps=STEPS, k=2, cache_dir=str(tmp_path / "cache"))
+    module = VideoDiffusionModule(**TINY_DIFFUSION, reference_dropout=0.1)
+    callback = CoverageCallback(str(world.reid_ckpt), anatomy=str(world.lidm_ckpt), num_samples=3, steps=STEPS, k=2,
+                                cache_dir=str(tmp_path / "cache"))
     trainer = L.Trainer(accelerator="cpu", logger=CSVLogger(tmp_path, name="run"), callbacks=[callback],
                         max_epochs=2, limit_train_batches=2, num_sanity_val_steps=1, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
     trainer.fit(module, EchoNetDataModule(**world.data))
-    rows = logged_rows(trainer.logger.log_dir)
+    rows = [row for row in csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")) if row.get("val/tau")]
     assert [int(row["step"]) for row in rows] == [1, 3]  # 2 steps an epoch; the sanity check is not measured
     for row in rows:
         values = {name: float(row[f"val/{name}"]) for name in METRIC_NAMES if not name.startswith("ef_")}
         assert all(np.isfinite(list(values.values())))
         assert 0 < values["coverage"] <= 1 and 0 <= values["memorization_rate"] <= 1
     pictures = sorted(path.name for path in Path(trainer.logger.log_dir, "images").iterdir())
-    assert pictures == ["val_coverage_scores_step00000002.png", "val_coverage_scores_step00000004.png"]
+    assert pictures == [f"val_{name}_step{step:08d}.png" for name in ("coverage_curve", "coverage_scores")
+                        for step in (2, 4)]
     assert callback.validations == 2 and not any(name.startswith("reid") for name in module.state_dict())
 
 
-def test_refuses_models_it_cannot_measure(world, tmp_path):
-    uncalibrated = save_cli_checkpoint(distance_reid(), tmp_path / "uncalibrated.ckpt")
-    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[CoverageCallback(str(uncalibrated))],
-                        enable_progress_bar=False)
-    with pytest.raises(NotCalibratedError, match="uncalibrated.ckpt has no privacy threshold"):
-        trainer.validate(world.diffusion, EchoNetDataModule(**world.data))
+def test_refuses_models_and_thresholds_it_cannot_measure_with(world, tmp_path):
     pixel = ReIDModule(in_channels=1, layers=[1], block="basic", width=8)
-    pixel.tau.fill_(0.0)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                         callbacks=[CoverageCallback(str(save_cli_checkpoint(pixel, tmp_path / "pixel.ckpt")))])
     with pytest.raises(ValueError, match="takes 1-channel frames.*latent space"):
@@ -161,35 +320,48 @@ def test_refuses_models_it_cannot_measure(world, tmp_path):
                             save_cli_checkpoint(EFRegressorModule(in_channels=1, **TINY_EF), tmp_path / "ef.ckpt")))])
     with pytest.raises(ValueError, match="reads pixels; give the VAE"):
         trainer.validate(world.diffusion, EchoNetDataModule(**world.data))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        callbacks=[CoverageCallback(str(world.reid_ckpt), anatomy=str(world.lvdm_ckpt))])
+    with pytest.raises(ValueError, match="lvdm.ckpt is a video model; an image-mode"):
+        trainer.validate(world.diffusion, EchoNetDataModule(**world.data))
     with pytest.raises(FileNotFoundError, match="reid checkpoint missing.ckpt not found"):
         CoverageCallback("missing.ckpt")
+    # A τ of another protocol is never used.
+    datamodule = EchoNetDataModule(**world.data)
+    datamodule.setup("fit")
+    from lightning_modules.reid_embeddings import embed_split
+
+    bank = embed_split(world.reid, datamodule, "train")
+    calibration = Calibration(tau=0.0, protocol="clip:16", quantile=0.95, heldout="val", heldout_videos=5,
+                              bank_videos=6, weights_checksum="", data=str(world.root))
+    with pytest.raises(ProtocolMismatchError, match="calibrated under protocol clip:16, but videos are compared under "
+                                                    "clip:4"):
+        CoverageMeasures(world.reid, bank, calibration, "clip:4", ef=False)
 
 
 @pytest.mark.slow
 def test_ddp_validation_with_the_callback_logs_the_values_of_one_process(world, tmp_path):
-    """`echo-lvdm validate` with the callback on 5 validation videos: 2 CPU processes (DistributedSampler pads to 6,
-    each rank samples its own videos) log what 1 process logs."""
+    """`echo-lvdm validate` with the callback animating anatomy frames, 7 requests: 2 CPU processes (rank r samples
+    requests r, r + 2, …; the 5 validation videos padded to 6) log what 1 process logs and the oracle computes."""
     config = tmp_path / "validate.yaml"
     config.write_text(
         "model:\n  class_path: lightning_modules.diffusion.VideoDiffusionModule\n"
-        "trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.CSVLogger\n    init_args:\n      save_dir: logs\n"
-        "  callbacks:\n    - class_path: callbacks.coverage.CoverageCallback\n      init_args:\n"
-        f"        reid: {world.reid_ckpt}\n        ef_regressor: {world.ef_ckpt}\n        steps: {STEPS}\n"
-        "        max_samples: null\n        k: 2\n")
-    logged = {}
+        "trainer:\n  callbacks:\n    - class_path: callbacks.coverage.CoverageCallback\n      init_args:\n"
+        f"        reid: {world.reid_ckpt}\n        ef_regressor: {world.ef_ckpt}\n        anatomy: {world.lidm_ckpt}\n"
+        f"        steps: {STEPS}\n        num_samples: 7\n        batch_size: 3\n        k: 2\n")
+    values = {}
     for devices in (1, 2):
         log_dir = tmp_path / f"devices{devices}"
         command = [str(Path(sys.executable).with_name("echo-lvdm")), "validate", "--config", str(config),
                    "--data.root", str(world.root), "--data.space", "latent", "--data.latent_dir",
                    world.data["latent_dir"], "--data.clip_length", str(FRAMES), "--data.batch_size", "2",
-                   "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+                   "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
                    "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.enable_progress_bar", "false",
-                   "--trainer.default_root_dir", str(log_dir), "--trainer.logger.init_args.save_dir", str(log_dir),
-                   "--ckpt_path", str(world.lvdm_ckpt)]
+                   "--trainer.default_root_dir", str(log_dir), "--ckpt_path", str(world.lvdm_ckpt)]
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                                 env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-        (row,) = logged_rows(log_dir)
-        logged[devices] = {name: float(row[f"val/{name}"]) for name in METRIC_NAMES}
-    assert logged[2] == pytest.approx(logged[1], rel=1e-5, abs=1e-6)
-    assert logged[1] == pytest.approx(by_hand(world, max_samples=10**6), rel=1e-4, abs=1e-5)
+        values[devices] = {key: value for key, value in logged(log_dir).items() if key != "loss"}
+    assert values[2] == pytest.approx(values[1], rel=1e-5, abs=1e-6)
+    expected = synthetic_oracle(world, 7)
+    assert {name: values[1][name] for name in expected} == pytest.approx(expected, rel=1e-4, abs=1e-5)

@@ -60,9 +60,15 @@ def test_planted_copies_are_the_memorised_ones(planted, tmp_path):
     assert metrics["ef_mae"] == pytest.approx(np.abs(read - requested).mean(), abs=1e-3)
     r2 = 1 - ((read - requested) ** 2).sum() / ((requested - requested.mean()) ** 2).sum()
     assert metrics["ef_r2"] == pytest.approx(r2, abs=1e-3)
+    # τ is the one stored beside the re-ID checkpoint for this protocol and data, and the report says so.
+    assert (metrics["protocol"], metrics["tau"]) == ("clip:16", planted.tau)
+    assert metrics["tau_calibration"]["source"].startswith("stored") and metrics["tau_calibration"]["quantile"] == 1.0
+    # Coverage at sample counts up to |S| = 20: ¼ and ½ of |R| = 20, |H| = 10, and 20.
+    assert {key for key in metrics if key.startswith("coverage@")} == {"coverage@5", "coverage@10", "coverage@20"}
+    assert metrics["coverage@20"] == metrics["coverage"]
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "| memorization_rate | 0.3 |" in report
-    for figure in ("scores", "hits", "pairs", "ef"):
+    assert "| memorization_rate | 0.3 |" in report and "protocol `clip:16`" in report
+    for figure in ("scores", "coverage", "hits", "pairs", "ef"):
         assert f"figures/{figure}.png" in report and (tmp_path / "report" / "figures" / f"{figure}.png").stat().st_size
 
 

@@ -18,6 +18,7 @@ from callbacks.checkpoint import Checkpoint
 from datamodules import EchoNetDataModule
 from datamodules.sampler import EpochSampler, interleave_for_ranks
 from lightning_modules.metrics import IndexedCat
+from lightning_modules.protocols import ProtocolMismatchError
 from lightning_modules.reid import NotCalibratedError, ReIDModule, load_reid
 from lightning_modules.reid_embeddings import EmbeddedSplit, embed_split
 from lightning_modules.reid_search import (
@@ -83,9 +84,13 @@ def test_tau_equals_brute_force_and_filter_refuses_without_it():
 
     queries = torch.rand(7, 3, 16, generator=generator)
     with pytest.raises(NotCalibratedError, match="no privacy threshold"):
-        module.privacy_filter(queries, bank.embedding)
+        module.privacy_filter(queries, bank.embedding, "frames:3")
     module.tau.fill_(float(np.quantile(best, 0.9)))
-    keep, scores = module.privacy_filter(queries, bank.embedding)
+    module.tau_protocol = "frames:3"
+    with pytest.raises(ProtocolMismatchError, match="calibrated under protocol frames:3, but videos are compared "
+                                                    "under clip:16"):
+        module.privacy_filter(queries, bank.embedding, "clip:16")  # a τ of another protocol is refused
+    keep, scores = module.privacy_filter(queries, bank.embedding, "frames:3")
     oracle = [max(float(module.head((q[None] - bank.embedding.reshape(-1, 16)).abs()).max()) for q in frames)
               for frames in queries]
     torch.testing.assert_close(scores, torch.tensor(oracle), atol=1e-5, rtol=0)
@@ -220,7 +225,7 @@ def test_reid_learns_identity_and_stores_tau(trained):
     assert float(val[-1]["val/loss"]) < float(val[0]["val/loss"]) - 0.1
     assert float(val[-1]["val/auc"]) >= 0.95 and float(val[-1]["val/auc_cross_video"]) >= 0.9
     assert "val/tau" in val[-1] and not val[0].get("val/tau")  # calibrated at the last epoch only
-    assert module.calibrated and float(module.tau_quantile) == 0.95
+    assert module.calibrated and float(module.tau_quantile) == 0.95 and module.tau_protocol == "frames:3"
 
     # τ in the checkpoint and in the JSON beside it equal an independent recomputation from the two splits.
     info = json.loads((out / "last.tau.json").read_text())
@@ -229,6 +234,7 @@ def test_reid_learns_identity_and_stores_tau(trained):
     restored = load_reid(out / "last.ckpt")
     assert not restored.training and restored.calibrated
     assert float(restored.tau) == pytest.approx(info["tau"]) and info["quantile"] == 0.95
+    assert restored.tau_protocol == info["protocol"] == "frames:3"  # the DataModule's num_frames: 3
     assert info["weights_checksum"] == restored.weights_checksum()
     heldout, bank = embed_split(restored, dm, "val"), embed_split(restored, dm, "train")
     best = brute_force_video_best(restored, heldout.embedding, bank.embedding)

@@ -1,5 +1,6 @@
 """SyntheticDatasetWriter: the privacy filter drops planted copies of training videos and the audit shows them,
-`evaluate` agrees with the filter's scores, the writer refuses without τ, a killed generation resumes to exactly N
+`evaluate` agrees with the filter's scores, τ is of the filter's protocol (stored, or calibrated on the validation
+videos) and recorded with it, the writer refuses without a re-ID model, a killed generation resumes to exactly N
 videos with a consistent FileList (the same dataset as an uninterrupted run), and 2 DDP processes write the N
 distinct videos of 1 process."""
 
@@ -26,7 +27,10 @@ from datamodules.requests import GenerationRequests
 from datamodules.video_io import read_video
 from echo_lvdm.main import main
 from lightning_modules.diffusion import VideoDiffusionModule
-from lightning_modules.reid import NotCalibratedError, load_reid
+from lightning_modules.calibration import Calibration, calibrations_path, store_calibration
+from lightning_modules.reid import load_reid
+from lightning_modules.reid_embeddings import EncodedReID
+from lightning_modules.vae_utils import load_frozen_vae
 from tests.helpers.cli import REPO
 from tests.helpers.data import PLANTED_CLIP, read_filelist
 from tests.helpers.models import TINY_DIFFUSION, save_cli_checkpoint
@@ -79,7 +83,9 @@ def test_filter_drops_planted_copies_and_evaluate_agrees(planted, tmp_path):
     out = tmp_path / "synthetic"
     generate(planted, out, num_videos=11, attempts=20, reid=str(planted.reid))
     audit = {int(row["Attempt"]): row for row in read_rows(out / "audit.csv")}
-    tau = float(load_reid(planted.reid).tau)
+    tau = planted.tau  # stored beside the checkpoint for protocol clip:16, the filter's here
+    assert {row["Tau"] for row in audit.values()} == {str(round(tau, 6))}
+    assert {row["TauProtocol"] for row in audit.values()} == {f"clip:{PLANTED_CLIP}"}
     # Every copy scores above τ and is dropped; every new patient scores below and passes.
     assert {i for i, row in audit.items() if row["Decision"] == "dropped"} == set(COPIES)
     assert all(float(audit[i]["Score"]) > tau for i in COPIES)
@@ -103,6 +109,8 @@ def test_filter_drops_planted_copies_and_evaluate_agrees(planted, tmp_path):
     assert splits.count("TRAIN") == 8 and sorted(splits.count(s) for s in ("VAL", "TEST")) == [1, 2]
     meta = json.loads((out / "dataset.json").read_text())
     assert (meta["privacy_filtered"], meta["complete"], meta["kept"], meta["dropped"]) == (True, True, 11, 4)
+    assert (meta["privacy_threshold"]["tau"], meta["privacy_threshold"]["protocol"]) == (tau, f"clip:{PLANTED_CLIP}")
+    assert (meta["setup"]["tau"], meta["setup"]["tau_protocol"]) == (tau, f"clip:{PLANTED_CLIP}")
     assert not (out / UNFILTERED_NOTE).exists()
     # The dataset loads through the DataModule, and `evaluate` scores it as the filter did: nothing memorised.
     assert main(["evaluate", "--real", str(planted.real), "--synthetic", str(out), "--reid", str(planted.reid),
@@ -115,15 +123,31 @@ def test_filter_drops_planted_copies_and_evaluate_agrees(planted, tmp_path):
         assert scores[f"synthetic_{i:06d}"] == pytest.approx(float(audit[i]["Score"]), abs=1e-5)
 
 
-def test_writer_refuses_without_tau_and_marks_unfiltered_datasets(planted, tmp_path):
+def test_without_a_stored_tau_the_filter_calibrates_its_own_protocol_on_the_validation_videos(planted, tmp_path):
+    """The same re-ID without a stored calibration: τ = the quantile (1.0 here) of the real validation videos' best
+    scores against the training videos, 16-frame clips through the VAE as the filter compares, and so it is lower
+    than the stored τ of validation and test together."""
+    fresh = save_cli_checkpoint(load_reid(planted.reid), tmp_path / "fresh.ckpt")
+    assert not calibrations_path(fresh).exists()
+    writer = generate(planted, tmp_path / "synthetic", num_videos=4, attempts=8, reid=str(fresh))
+    model = EncodedReID(load_reid(fresh), load_frozen_vae(planted.out / "vae"))
+    real = EchoNetDataModule(planted.real, clip_length=PLANTED_CLIP, batch_size=8)
+    real.setup("fit")
+    with torch.no_grad():
+        bank, val = (torch.cat([model.embed_videos(b["video"]) for b in real.eval_dataloader(split)])
+                     for split in ("train", "val"))
+    flat = bank.flatten(0, 1).double()
+    weight, bias = model.reid.head.weight.double().reshape(-1), float(model.reid.head.bias)
+    best = [float(((v.double()[:, None] - flat[None]).abs() @ weight).max() + bias) for v in val]
+    assert writer.tau == pytest.approx(max(best), abs=1e-5) and writer.tau <= planted.tau
+    assert (writer.calibration.heldout, writer.calibration.heldout_videos) == ("val", len(best))
+    audit = read_rows(tmp_path / "synthetic" / "audit.csv")
+    assert {row["TauProtocol"] for row in audit} == {f"clip:{PLANTED_CLIP}"}
+
+
+def test_writer_refuses_without_reid_and_marks_unfiltered_datasets(planted, tmp_path):
     with pytest.raises(ValueError, match="no re-ID model, so no privacy filter"):
         SyntheticDatasetWriter(tmp_path / "none", 4)
-    reid = load_reid(planted.reid)
-    reid.tau.fill_(float("nan"))
-    uncalibrated = save_cli_checkpoint(reid, tmp_path / "uncalibrated.ckpt")
-    with pytest.raises(NotCalibratedError, match="has no privacy threshold"):
-        generate(planted, tmp_path / "refused", num_videos=4, attempts=8, reid=str(uncalibrated))
-    assert not (tmp_path / "refused" / "FileList.csv").exists()
     out = tmp_path / "unfiltered"
     generate(planted, out, num_videos=8, attempts=8, unfiltered=True)
     meta = json.loads((out / "dataset.json").read_text())
@@ -168,9 +192,11 @@ def cli_world(planted, tmp_path_factory) -> SimpleNamespace:
     assert first.returncode == 0, first.stderr[-3000:]
     scores = np.sort([float(row["Score"]) for row in read_rows(out / "unsplit" / "audit.csv")])
     middle = len(scores) // 2
-    reid = load_reid(planted.reid)
-    reid.tau.fill_(float(scores[middle - 1] + scores[middle]) / 2)
-    world.reid = save_cli_checkpoint(reid, out / "reid_half.ckpt")
+    world.reid = save_cli_checkpoint(load_reid(planted.reid), out / "reid_half.ckpt")
+    model = EncodedReID(load_reid(world.reid), load_frozen_vae(world.vae))
+    store_calibration(world.reid, Calibration(  # as `echo-lvdm calibrate` would store it, for the writer's protocol
+        tau=float(scores[middle - 1] + scores[middle]) / 2, protocol=f"clip:{FRAMES}", quantile=1.0, heldout="val",
+        heldout_videos=10, bank_videos=20, weights_checksum=model.weights_checksum(), data=str(planted.real.resolve())))
     return world
 
 

@@ -12,8 +12,8 @@ import torch
 
 from lightning_modules.reid_search import pair_scores
 
-__all__ = ["coverage_fraction", "memorization_rate", "density_and_coverage", "real_radii", "frechet_distance",
-           "temporal_consistency", "hit_counts"]
+__all__ = ["coverage_fraction", "coverage_curve", "memorization_rate", "density_and_coverage", "real_radii",
+           "frechet_distance", "temporal_consistency", "hit_counts", "pair_video_scores"]
 
 
 def coverage_fraction(best_index: torch.Tensor, bank_size: int) -> torch.Tensor:
@@ -26,6 +26,34 @@ def coverage_fraction(best_index: torch.Tensor, bank_size: int) -> torch.Tensor:
         raise ValueError(f"need best_index (S,) with S ≥ 1 and bank_size ≥ 1, got {tuple(best_index.shape)}, "
                          f"{bank_size}")
     return torch.tensor(torch.unique(best_index).numel() / min(bank_size, len(best_index)), dtype=torch.float64)
+
+
+def coverage_curve(best_index: torch.Tensor, bank_size: int) -> torch.Tensor:
+    """Coverage of the first n videos for every n = 1 … S: float64 ``(S,)``, entry n − 1 =
+    :func:`coverage_fraction` of ``best_index[:n]`` (coverage depends on |S|: compare sets at equal sizes)."""
+    if best_index.ndim != 1 or len(best_index) == 0 or bank_size < 1:
+        raise ValueError(f"need best_index (S,) with S ≥ 1 and bank_size ≥ 1, got {tuple(best_index.shape)}, "
+                         f"{bank_size}")
+    _, inverse = torch.unique(best_index, return_inverse=True)
+    positions = torch.arange(len(best_index), device=best_index.device)
+    first = torch.full((int(inverse.max()) + 1,), len(best_index), device=best_index.device, dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    is_first = torch.zeros(len(best_index), dtype=torch.float64, device=best_index.device)
+    is_first[first] = 1.0
+    sizes = (positions + 1).double()
+    return is_first.cumsum(0) / sizes.clamp(max=float(bank_size))
+
+
+def pair_video_scores(first: torch.Tensor, second: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor) -> torch.Tensor:
+    """Each video's score against its partner: ``first (N, F, D)`` and ``second (N, F', D)`` per-frame embeddings →
+    float32 ``(N,)``, the head's best logit over the F × F' frame pairs of video i and video i."""
+    if first.ndim != 3 or second.ndim != 3 or len(first) != len(second):
+        raise ValueError(f"need (N, F, D) and (N, F', D) embeddings, got {tuple(first.shape)}, {tuple(second.shape)}")
+    frames, partner_frames, dim = first.shape[1], second.shape[1], first.shape[2]
+    left = first[:, :, None].expand(-1, -1, partner_frames, -1).reshape(-1, dim)
+    right = second[:, None].expand(-1, frames, -1, -1).reshape(-1, dim)
+    return pair_scores(left, right, weight, bias).float().view(len(first), -1).amax(dim=1)
 
 
 def hit_counts(best_index: torch.Tensor, bank_size: int) -> torch.Tensor:

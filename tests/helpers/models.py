@@ -16,12 +16,13 @@ TINY_EF = dict(layers=[1, 1], width=8, stem_kernel=3, stem_stride=2, spatial_str
 TINY_REID = dict(in_channels=1, layers=[1, 1], block="basic", width=8, stem="small", embedding_dim=16)  # ReIDModule
 
 
-def distance_reid(seed: int = 0):
-    """A small latent re-ID whose head scores −mean |a − b| (so an identical video scores highest)."""
+def distance_reid(seed: int = 0, in_channels: int = 4, quantile: float = 0.95):
+    """A small re-ID (latent by default) whose head scores −mean |a − b| (so an identical video scores highest)."""
     from lightning_modules import ReIDModule
 
     torch.manual_seed(seed)
-    module = ReIDModule(in_channels=4, layers=[1], block="basic", width=8, embedding_dim=16, layout_grid=4)
+    module = ReIDModule(in_channels=in_channels, layers=[1], block="basic", width=8, embedding_dim=16, layout_grid=4,
+                        quantile=quantile)
     with torch.no_grad():
         module.head.weight.fill_(-1.0 / 16)
         module.head.bias.zero_()
