@@ -174,7 +174,8 @@ def _coverage(job: Run, stage: str, **init_args: Any) -> dict[str, Any]:
 
 
 def stage_anatomy(job: Run) -> dict[str, Any]:
-    callbacks = job.base_config("anatomy").get("trainer", {}).get("callbacks", []) + [_coverage(job, "anatomy")]
+    coverage = _coverage(job, "anatomy", vae=job.artifact("export", "vae"))
+    callbacks = job.base_config("anatomy").get("trainer", {}).get("callbacks", []) + [coverage]
     return job.fit("anatomy", _merge(_latent_data(job), {"trainer": {"callbacks": callbacks}}))
 
 

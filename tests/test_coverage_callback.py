@@ -49,7 +49,7 @@ def world(tmp_path_factory) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("coverage")
     root = generate_phantom(out / "data", patients=12, videos_per_patient=1, seed=5, size=32, frames=(20, 24),
                             split_fractions=(0.5, 0.4, 0.1))
-    encode_tiny_latents(root, out / "latents")
+    encode_tiny_latents(root, out / "latents", export=out / "vae")
     data = dict(root=root, space="latent", latent_dir=str(out / "latents"), clip_length=FRAMES, batch_size=2)
     reid = distance_reid()
     regressor = EFRegressorModule(in_channels=4, **TINY_EF)
@@ -119,10 +119,23 @@ def ef_faithfulness(read: np.ndarray, requested: np.ndarray) -> dict[str, float]
             "ef_r2": float(1 - ((read - requested) ** 2).sum() / ((requested - requested.mean()) ** 2).sum())}
 
 
-def synthetic_oracle(world, num_samples: int, *, first_frame: bool = False) -> dict[str, float]:
+def as_written(world, latents: torch.Tensor) -> torch.Tensor:
+    """Latents → what a video file of them holds → the VAE's encoding of that (posterior mean × scaling factor)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(world.out / "vae")
+    scale = vae.config.scaling_factor
+    with torch.no_grad():
+        pixels = vae.decode(latents.flatten(0, 1) / scale).sample
+        stored = ((pixels.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # 8 bits, read back into [-1, 1]
+        return (vae.encode(stored).latent_dist.mean * scale).unflatten(0, latents.shape[:2])
+
+
+def synthetic_oracle(world, num_samples: int, *, first_frame: bool = False, written: bool = False) -> dict[str, float]:
     """Requests 0 … n − 1 (uniform EF, seed 0), each animated from its anatomy frame (noise seed ^ 0x5EED) with its
     own noise — or, with ``first_frame``, the anatomy model's frames themselves — against the training videos under
-    the callback's protocol (4-frame clips; first frames), τ the 0.95-quantile of the validation videos."""
+    the callback's protocol (4-frame clips; first frames), τ the 0.95-quantile of the validation videos. ``written``:
+    the samples are measured through a video file and the VAE, as ``evaluate`` measures a written dataset."""
     options = dict(clip_length=1, eval_start="first") if first_frame else {}
     oracle = Oracle(world.reid, split_videos(world, "train", **options)["video"])
     heldout = oracle.embed(split_videos(world, "val", **options)["video"])
@@ -135,7 +148,7 @@ def synthetic_oracle(world, num_samples: int, *, first_frame: bool = False) -> d
     else:
         synthetic = world.diffusion.sample(ef=ef, reference=frames[:, 0], num_frames=FRAMES, steps=STEPS,
                                            generator=[torch.Generator().manual_seed(s) for s in seeds])
-    fake = oracle.embed(synthetic)
+    fake = oracle.embed(as_written(world, synthetic) if written else synthetic)
     fake_score, fake_match = oracle.best(fake)
     real_score, real_match = oracle.best(heldout)
     tau = float(np.quantile(real_score, 0.95))
@@ -185,11 +198,13 @@ def validate(module, callback: CoverageCallback, root: Path, data: dict) -> dict
 
 
 # ------------------------------------------------------------------------------------------- the three modes
-def test_videos_animated_from_anatomy_frames_log_what_an_independent_computation_gives(world, tmp_path):
+@pytest.mark.parametrize("written", [False, True], ids=["latents", "as_written"])
+def test_videos_animated_from_anatomy_frames_log_what_an_independent_computation_gives(world, tmp_path, written):
     callback = CoverageCallback(str(world.reid_ckpt), ef_regressor=str(world.ef_ckpt), anatomy=str(world.lidm_ckpt),
-                                num_samples=7, batch_size=3, steps=STEPS, k=2, cache_dir=str(tmp_path / "cache"))
+                                vae=str(world.out / "vae") if written else None, num_samples=7, batch_size=3,
+                                steps=STEPS, k=2, cache_dir=str(tmp_path / "cache"))
     values = validate(world.diffusion, callback, tmp_path, world.data)
-    expected = synthetic_oracle(world, 7)
+    expected = synthetic_oracle(world, 7, written=written)
     assert set(METRIC_NAMES) <= set(values) and not {"identity_score", "identity_above_tau"} & set(values)
     assert {key for key in values if key.startswith("coverage@")} == {"coverage@1", "coverage@3", "coverage@5",
                                                                     "coverage@6", "coverage@7"}

@@ -134,7 +134,7 @@ def test_training_time_coverage_samples_what_the_generate_stage_ships(capsys, tm
     callback specs are valid CoverageCallback arguments."""
     config = yaml.safe_load((REPO / "configs/pipeline/quickstart.yaml").read_text())
     job = pipeline_command.Run(config, tmp_path, REPO)
-    job.artifacts = {"reid": {"checkpoint": "reid.ckpt"}}
+    job.artifacts = {"reid": {"checkpoint": "reid.ckpt"}, "export": {"vae": "vae"}}
     video = pipeline_command._coverage(job, "video", ef_regressor="ef.ckpt", vae="vae", anatomy="lidm.ckpt")
     generate = config["stages"]["generate"]
     expected = {"reid": "reid.ckpt", "anatomy": "lidm.ckpt", "steps": generate["writer"]["steps"],
@@ -142,9 +142,9 @@ def test_training_time_coverage_samples_what_the_generate_stage_ships(capsys, tm
                 "protocol": "clip:16@12.5fps", "requests": {k: v for k, v in generate["requests"].items()
                                                             if k != "attempts"}}
     assert expected.items() <= video["init_args"].items()
-    anatomy = pipeline_command._coverage(job, "anatomy")["init_args"]
+    anatomy = pipeline_command._coverage(job, "anatomy", vae="vae")["init_args"]
     assert "steps" not in anatomy and "guidance_scale" not in anatomy and anatomy["requests"] == expected["requests"]
-    for spec, model in ((video, "lvdm"), (pipeline_command._coverage(job, "anatomy"), "lidm")):
+    for spec, model in ((video, "lvdm"), (pipeline_command._coverage(job, "anatomy", vae="vae"), "lidm")):
         printed = print_config(capsys, "--config", str(REPO / f"configs/{model}.yaml"),
                                "--config", str(REPO / f"configs/{model}_quickstart.yaml"),
                                "--trainer.callbacks", json.dumps([spec]))

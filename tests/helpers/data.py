@@ -49,9 +49,10 @@ def make_counter_folder(root: Path, specs: list[tuple[str, int, float, str]], *,
     return root
 
 
-def encode_tiny_latents(root: Path, latent_dir: Path, size: int = 16) -> Path:
+def encode_tiny_latents(root: Path, latent_dir: Path, size: int = 16, export: Path | None = None) -> Path:
     """Encode every video of ``root`` at ``size`` px with a tiny random VAE (scaling factor 1) into ``latent_dir``:
-    the latent cache a diffusion or latent re-ID test reads (latents 4 × size/2 × size/2)."""
+    the latent cache a diffusion or latent re-ID test reads (latents 4 × size/2 × size/2). ``export``: also write
+    that VAE there as ``echo-lvdm export-vae`` would."""
     import lightning as L
     import torch
 
@@ -67,4 +68,6 @@ def encode_tiny_latents(root: Path, latent_dir: Path, size: int = 16) -> Path:
               enable_progress_bar=False).predict(
         vae, datamodule=EchoNetDataModule(root, sampling="video", batch_size=1, predict_split="all", size=size),
         return_predictions=False)
+    if export is not None:
+        vae.save_pretrained(export)
     return latent_dir
