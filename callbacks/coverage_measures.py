@@ -44,7 +44,58 @@ def coverage_sizes(bank_size: int, synthetic: int, reference: int) -> list[int]:
     return sorted(size for size in sizes if 0 < size <= synthetic)
 
 
-class CoverageMeasures(torch.nn.Module):
+class _SampleMeasures(torch.nn.Module):
+    """What both kinds of measures share: τ of ``protocol`` (refusing one of another), the training bank, and the
+    per-sample states every sample updates — distribution against the bank, temporal consistency, EF faithfulness."""
+
+    def __init__(self, reid, bank, calibration: Calibration, protocol: Protocol | str, *, ef: bool, k: int) -> None:
+        super().__init__()
+        self.protocol = Protocol.parse(protocol)
+        self.tau = calibration.holds_for(self.protocol, "the privacy threshold τ")
+        self.reid, self.bank = reid, bank
+        self.distribution = EmbeddingDistributionMetrics(bank.embedding.mean(dim=1).double(), k)
+        self.temporal = MeanPerVideo()
+        self.ef = EFRegressionMetrics() if ef else None
+
+    def _update_sample(self, index: torch.Tensor, embedding: torch.Tensor, requested_ef: torch.Tensor | None,
+                       read_ef: torch.Tensor | None) -> None:
+        self.distribution.update(index, embedding=embedding.mean(dim=1).double())
+        if embedding.shape[1] >= 2:
+            self.temporal.update(index, value=temporal_consistency(embedding, self.reid.head.weight,
+                                                                   self.reid.head.bias))
+        if requested_ef is not None or read_ef is not None:
+            self.update_ef(index, requested_ef, read_ef)
+
+    def update_ef(self, index: torch.Tensor, requested_ef: torch.Tensor, read_ef: torch.Tensor) -> None:
+        """The EF samples were asked for and the EF the regressor reads from them, ``(N,)`` each."""
+        if self.ef is None:
+            raise ValueError("the measures were built without EF faithfulness (ef=False)")
+        if requested_ef is None or read_ef is None:
+            raise ValueError("the measures were built with EF faithfulness: give requested_ef and read_ef")
+        self.ef.update(index, preds=read_ef.float(), target=requested_ef.float())
+
+    def _fill_empty_ranks(self) -> None:
+        device = self.bank.embedding.device
+        _fill_empty(self.distribution, device, embedding=self.bank.embedding.shape[-1])
+        _fill_empty(self.temporal, device, value=0)
+        _fill_empty(self.ef, device, preds=0, target=0)
+
+    def _add_sample_values(self, values: dict, details: dict) -> None:
+        """Temporal consistency and EF faithfulness into ``values`` (and the per-video EF into ``details``)."""
+        if _anything(self.temporal):
+            values["temporal_consistency"] = self.temporal.compute()
+        if self.ef is not None:
+            ef = self.ef.compute()
+            values.update(ef_r2=ef["r2"], ef_mae=ef["mae"])
+            details["ef_read"], details["ef_requested"] = self.ef.per_video()[1:]
+
+    def reset(self) -> None:
+        for metric in self.children():
+            if isinstance(metric, IndexedCat):
+                metric.reset()
+
+
+class CoverageMeasures(_SampleMeasures):
     """Coverage measures of fully synthetic videos against a training bank.
 
     ``reid``: the re-ID model (its head scores); ``bank``: the training split's embeddings under ``protocol``
@@ -58,32 +109,17 @@ class CoverageMeasures(torch.nn.Module):
 
     def __init__(self, reid, bank, calibration: Calibration, protocol: Protocol | str, *, ef: bool,
                  k: int = 5) -> None:
-        super().__init__()
-        self.protocol = Protocol.parse(protocol)
-        self.tau = calibration.holds_for(self.protocol, "the privacy threshold τ")
-        self.reid, self.bank = reid, bank
+        super().__init__(reid, bank, calibration, protocol, ef=ef, k=k)
         self.synthetic = CoverageMetric(len(bank), self.tau)
         self.reference = CoverageMetric(len(bank), self.tau)
-        self.distribution = EmbeddingDistributionMetrics(bank.embedding.mean(dim=1).double(), k)
-        self.temporal = MeanPerVideo()
-        self.ef = EFRegressionMetrics() if ef else None
 
     def update_synthetic(self, index: torch.Tensor, embedding: torch.Tensor, requested_ef: torch.Tensor | None = None,
                          read_ef: torch.Tensor | None = None) -> torch.Tensor:
         """Samples' per-frame embeddings ``(N, F, D)``; returns their best scores ``(N,)``."""
         score, match = self.reid.video_search(embedding, self.bank.embedding.to(embedding))
         self.synthetic.update(index, score=score, match=match)
-        self.distribution.update(index, embedding=embedding.mean(dim=1).double())
-        if embedding.shape[1] >= 2:
-            self.temporal.update(index, value=temporal_consistency(embedding, self.reid.head.weight,
-                                                                   self.reid.head.bias))
-        if requested_ef is not None or read_ef is not None:
-            self.update_ef(index, requested_ef, read_ef)
+        self._update_sample(index, embedding, requested_ef, read_ef)
         return score
-
-    def update_ef(self, index: torch.Tensor, requested_ef: torch.Tensor, read_ef: torch.Tensor) -> None:
-        """The EF samples were asked for and the EF the regressor reads from them, ``(N,)`` each."""
-        _update_ef(self.ef, index, requested_ef, read_ef)
 
     def update_reference(self, index: torch.Tensor, embedding: torch.Tensor) -> None:
         """Held-out real videos' per-frame embeddings ``(N, F, D)`` (the reference coverage)."""
@@ -94,9 +130,7 @@ class CoverageMeasures(torch.nn.Module):
         device = self.bank.embedding.device
         _fill_empty(self.synthetic, device, score=0, match=0)
         _fill_empty(self.reference, device, score=0, match=0)
-        _fill_empty(self.distribution, device, embedding=self.bank.embedding.shape[-1])
-        _fill_empty(self.temporal, device, value=0)
-        _fill_empty(self.ef, device, preds=0, target=0)
+        self._fill_empty_ranks()
         if not _anything(self.synthetic):
             return None
         synthetic = self.synthetic.compute()
@@ -124,21 +158,11 @@ class CoverageMeasures(torch.nn.Module):
             details["reference_curve"] = reference_curve
         for size in coverage_sizes(len(self.bank), len(curve), reference_size):
             values[f"coverage@{size}"] = curve[size - 1]
-        if _anything(self.temporal):
-            values["temporal_consistency"] = self.temporal.compute()
-        if self.ef is not None:
-            ef = self.ef.compute()
-            values.update(ef_r2=ef["r2"], ef_mae=ef["mae"])
-            details["ef_read"], details["ef_requested"] = self.ef.per_video()[1:]
+        self._add_sample_values(values, details)
         return values, details
 
-    def reset(self) -> None:
-        for metric in (self.synthetic, self.reference, self.distribution, self.temporal, self.ef):
-            if metric is not None:
-                metric.reset()
 
-
-class IdentityMeasures(torch.nn.Module):
+class IdentityMeasures(_SampleMeasures):
     """What videos animated from real held-out frames keep of their source patient.
 
     Update with the samples' per-frame embeddings ``(N, F, D)``, their source videos' ``(N, F', D)`` (under
@@ -149,32 +173,18 @@ class IdentityMeasures(torch.nn.Module):
 
     def __init__(self, reid, bank, calibration: Calibration, protocol: Protocol | str, *, ef: bool,
                  k: int = 5) -> None:
-        super().__init__()
-        self.protocol = Protocol.parse(protocol)
-        self.tau = calibration.holds_for(self.protocol, "the privacy threshold τ")
-        self.reid, self.bank = reid, bank
+        super().__init__(reid, bank, calibration, protocol, ef=ef, k=k)
         self.identity = IndexedCat(("score",))
-        self.distribution = EmbeddingDistributionMetrics(bank.embedding.mean(dim=1).double(), k)
-        self.temporal = MeanPerVideo()
-        self.ef = EFRegressionMetrics() if ef else None
 
     def update(self, index: torch.Tensor, embedding: torch.Tensor, source: torch.Tensor,
                requested_ef: torch.Tensor | None = None, read_ef: torch.Tensor | None = None) -> None:
         self.identity.update(index, score=pair_video_scores(embedding, source.to(embedding), self.reid.head.weight,
                                                             self.reid.head.bias))
-        self.distribution.update(index, embedding=embedding.mean(dim=1).double())
-        if embedding.shape[1] >= 2:
-            self.temporal.update(index, value=temporal_consistency(embedding, self.reid.head.weight,
-                                                                   self.reid.head.bias))
-        if self.ef is not None:
-            _update_ef(self.ef, index, requested_ef, read_ef)
+        self._update_sample(index, embedding, requested_ef, read_ef)
 
     def compute(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
-        device = self.bank.embedding.device
-        _fill_empty(self.identity, device, score=0)
-        _fill_empty(self.distribution, device, embedding=self.bank.embedding.shape[-1])
-        _fill_empty(self.temporal, device, value=0)
-        _fill_empty(self.ef, device, preds=0, target=0)
+        _fill_empty(self.identity, self.bank.embedding.device, score=0)
+        self._fill_empty_ranks()
         if not _anything(self.identity):
             return None
         identity = self.identity.compute()
@@ -184,26 +194,8 @@ class IdentityMeasures(torch.nn.Module):
         details = {"synthetic_index": identity["index"], "identity_score": identity["score"]}
         if len(identity["index"]) > self.distribution.k:
             values["fd_reid"] = self.distribution.compute()["fd"]
-        if _anything(self.temporal):
-            values["temporal_consistency"] = self.temporal.compute()
-        if self.ef is not None:
-            ef = self.ef.compute()
-            values.update(ef_r2=ef["r2"], ef_mae=ef["mae"])
-            details["ef_read"], details["ef_requested"] = self.ef.per_video()[1:]
+        self._add_sample_values(values, details)
         return values, details
-
-    def reset(self) -> None:
-        for metric in (self.identity, self.distribution, self.temporal, self.ef):
-            if metric is not None:
-                metric.reset()
-
-
-def _update_ef(metric, index, requested_ef, read_ef) -> None:
-    if metric is None:
-        raise ValueError("the measures were built without EF faithfulness (ef=False)")
-    if requested_ef is None or read_ef is None:
-        raise ValueError("the measures were built with EF faithfulness: give requested_ef and read_ef")
-    metric.update(index, preds=read_ef.float(), target=requested_ef.float())
 
 
 def _fill_empty(metric, device: torch.device, **widths: int) -> None:

@@ -18,6 +18,7 @@ from lightning_modules.metrics import IndexedCat
 from datamodules.sampler import global_seed
 from lightning_modules.components.ef_conditioning import EFConditioner
 from lightning_modules.diffusion_sampling import SAMPLERS, blend_windows, denoising_loop, make_sampler
+from lightning_modules.ema import DenoiserEMA
 
 __all__ = ["VideoDiffusionModule"]
 
@@ -26,7 +27,7 @@ __all__ = ["VideoDiffusionModule"]
 _TRAIN_DRAWS_STREAM = 4
 
 
-class VideoDiffusionModule(L.LightningModule):
+class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
     """Denoiser: diffusers' :class:`UNetSpatioTemporalConditionModel` (the SVD UNet) on latent clips ``(B, T, C, h, w)``
     as the DataModule serves them (``space: latent``, scaled). Objective: ``prediction_type`` (v-prediction by default)
     under a diffusers :class:`DDPMScheduler`; sampling with DDIM, DPM-Solver++, Euler or DDPM (:meth:`sample`).
@@ -40,9 +41,9 @@ class VideoDiffusionModule(L.LightningModule):
     ``mode="image"`` is the anatomy model: frames of a ``sampling: frames`` batch are folded into single-frame clips
     (``T = 1``, no reference), EF-conditioned or, with ``ef_conditioning=False``, unconditional.
 
-    EMA (diffusers :class:`EMAModel`) of the denoiser — the UNet and the EF conditioner it reads, nothing frozen —
-    updated once per optimizer step, swapped in for validation, test and :meth:`sample` (a copy on the same device, no
-    host round trip), saved in the checkpoint under ``"ema"``. Validation/test noise and timesteps are drawn per
+    EMA (diffusers :class:`EMAModel`, :class:`~lightning_modules.ema.DenoiserEMA`) of the denoiser — the UNet and the
+    EF conditioner it reads, nothing frozen — updated once per optimizer step, swapped in for validation, test and
+    :meth:`sample` (a copy on the same device, no host round trip), saved in the checkpoint under ``"ema"``. Validation/test noise and timesteps are drawn per
     video from ``eval_seed`` and its ``index``, so ``val/loss`` is comparable across epochs and equal under DDP.
 
     Training randomness is a function of (``seed_everything``'s seed, epoch, ``index``): each item's noise, timestep,
@@ -125,8 +126,6 @@ class VideoDiffusionModule(L.LightningModule):
             beta_end=beta_end, prediction_type=prediction_type, rescale_betas_zero_snr=rescale_betas_zero_snr,
             clip_sample=False)  # latents are not bounded to [-1, 1]
         self.ema = EMAModel(self.denoiser_parameters(), decay=ema_decay) if ema_decay is not None else None
-        self._raw_weights: list[torch.Tensor] | None = None  # the trained weights while the EMA is swapped in
-        self._ema_last_step = 0
         # What sampling needs to know about the training data, recorded at every training step.
         self.register_buffer("train_num_frames", torch.tensor(0))
         self.register_buffer("train_fps", torch.tensor(0.0))
@@ -242,36 +241,10 @@ class VideoDiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---------------------------------------------------------------------------------------------------- EMA
-    def denoiser_parameters(self) -> list[torch.nn.Parameter]:
-        """The averaged parameters: the UNet's, then the EF conditioner's."""
-        return [*self.unet.parameters(), *self.conditioner.parameters()]
-
-    def on_train_start(self) -> None:
-        # A new Trainer (fine-tuning a loaded model) restarts global_step; a resumed one restores it.
-        self._ema_last_step = self.trainer.global_step
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Once per optimizer step: with gradient accumulation global_step moves only on the stepping micro-batch.
-        if self.ema is not None and self.trainer.global_step > self._ema_last_step:
-            self._ema_last_step = self.trainer.global_step
-            self.ema.to(device=self.device)
-            self.ema.step(self.denoiser_parameters())
-
-    def swap_in_ema(self) -> None:
-        """Put the EMA weights into the denoiser (the trained ones are kept aside); no-op without EMA or if swapped."""
-        if self.ema is not None and self._raw_weights is None:
-            self.ema.to(device=self.device)
-            parameters = self.denoiser_parameters()
-            self._raw_weights = [p.detach().clone() for p in parameters]
-            self.ema.copy_to(parameters)
-
-    def swap_out_ema(self) -> None:
-        """Give the denoiser its trained weights back."""
-        if self._raw_weights is not None:
-            with torch.no_grad():
-                for parameter, raw in zip(self.denoiser_parameters(), self._raw_weights):
-                    parameter.copy_(raw)
-            self._raw_weights = None
+    def denoiser_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The averaged parameters (state-dict names): the UNet's, then the EF conditioner's."""
+        return [*((f"unet.{n}", p) for n, p in self.unet.named_parameters()),
+                *((f"conditioner.{n}", p) for n, p in self.conditioner.named_parameters())]
 
     # The module's epoch hooks run after the callbacks' epoch-start hooks and after their epoch-end hooks: callbacks
     # that sample at epoch end see EMA weights, and checkpoints (saved at validation end or train epoch end) never do.
@@ -288,19 +261,6 @@ class VideoDiffusionModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval_loss("test")
         self.swap_out_ema()
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self._raw_weights is not None:  # saved mid-validation (e.g. on an exception): keep the trained weights
-            names = [f"unet.{n}" for n, _ in self.unet.named_parameters()]
-            names += [f"conditioner.{n}" for n, _ in self.conditioner.named_parameters()]
-            state = checkpoint["state_dict"]
-            state.update({name: raw.to(state[name].device) for name, raw in zip(names, self._raw_weights)})
-        if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.ema is not None and "ema" in checkpoint:
-            self.ema.load_state_dict(checkpoint["ema"])
 
     # ---------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()

@@ -23,7 +23,7 @@ def test_console_script_help_lists_every_command():
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr
     for command in ("fit", "validate", "test", "predict", "phantom", "inspect", "export-vae", "sample", "evaluate",
-                    "pipeline"):
+                    "calibrate", "pipeline"):
         assert f"\n  {command} " in result.stdout
 
 
