@@ -32,8 +32,9 @@ from lightning_modules.protocols import Protocol
 
 __all__ = ["CoverageMeasures", "IdentityMeasures", "METRIC_NAMES", "IDENTITY_METRIC_NAMES", "coverage_sizes"]
 
-METRIC_NAMES = ("coverage", "reference_coverage", "relative_coverage", "memorization_rate", "memorized_coverage",
-                "ef_r2", "ef_mae", "density", "prdc_coverage", "fd_reid", "temporal_consistency", "tau")
+METRIC_NAMES = ("coverage", "filtered_coverage", "reference_coverage", "relative_coverage", "memorization_rate",
+                "memorized_coverage", "ef_r2", "ef_mae", "density", "prdc_coverage", "fd_reid", "temporal_consistency",
+                "tau")
 IDENTITY_METRIC_NAMES = ("identity_score", "identity_above_tau", "ef_r2", "ef_mae", "fd_reid",
                          "temporal_consistency", "tau")
 
@@ -103,8 +104,11 @@ class CoverageMeasures(_SampleMeasures):
     Update with per-frame embeddings ``(N, F, D)`` of samples (and, with ``ef``, the EF requested and read) and of
     held-out real videos; ``compute()`` → ``(values, details)`` or None when no rank saw a sample. ``values``: the
     names of ``METRIC_NAMES`` present plus ``coverage@n`` at :func:`coverage_sizes`; ``relative_coverage`` compares
-    samples and held-out videos at equal counts. ``details``: per-video scores and matches, hits per training video,
-    and the coverage curves (``synthetic_curve``, ``reference_curve``: coverage of the first n).
+    samples and held-out videos at equal counts; ``filtered_coverage`` (and ``filtered_coverage@n``) is the coverage
+    of the samples at or below τ — those a privacy-filtered dataset keeps, in sample order, so it can be read against
+    the written dataset's coverage at equal counts. ``details``: per-video scores and matches, hits per training
+    video, and the coverage curves (``synthetic_curve``, ``filtered_curve``, ``reference_curve``: coverage of the
+    first n).
     """
 
     def __init__(self, reid, bank, calibration: Calibration, protocol: Protocol | str, *, ef: bool,
@@ -158,6 +162,13 @@ class CoverageMeasures(_SampleMeasures):
             details["reference_curve"] = reference_curve
         for size in coverage_sizes(len(self.bank), len(curve), reference_size):
             values[f"coverage@{size}"] = curve[size - 1]
+        kept = synthetic["score"].double() <= self.tau  # what the privacy filter would keep, in sample order
+        if bool(kept.any()):
+            kept_curve = coverage_curve(synthetic["match"][kept], len(self.bank))
+            values["filtered_coverage"] = kept_curve[-1]
+            for size in coverage_sizes(len(self.bank), len(kept_curve), reference_size):
+                values[f"filtered_coverage@{size}"] = kept_curve[size - 1]
+            details["filtered_curve"] = kept_curve
         self._add_sample_values(values, details)
         return values, details
 

@@ -310,9 +310,10 @@ def summary_table(job: Run) -> str:
     video = job.artifacts.get("video", {}).get("metrics", {})
     dataset = job.artifacts.get("evaluate", {}).get("metrics", {})
     for key in sorted((k for k in dataset if k.startswith("coverage@")), key=lambda k: int(k[9:])):
-        if f"val/{key}" in video:
-            lines.append(f"| coverage of {key[9:]} videos: during training / of the dataset | "
-                         f"{video[f'val/{key}']:.4g} / {dataset[key]:.4g} |")
+        during = [f"{video[f'val/{name}{key[8:]}']:.4g}" if f"val/{name}{key[8:]}" in video else "–"
+                  for name in ("coverage", "filtered_coverage")]
+        lines.append(f"| coverage of {key[9:]} videos: during training, all / filtered; of the dataset | "
+                     f"{during[0]} / {during[1]}; {dataset[key]:.4g} |")
     return "\n".join(lines) + "\n"
 
 

@@ -161,6 +161,9 @@ def synthetic_oracle(world, num_samples: int, *, first_frame: bool = False, writ
               "memorized_coverage": len(set(fake_match[fake_score > tau].tolist())) / bank,
               **distribution(oracle, fake)}
     values.update({f"coverage@{size}": coverage_of(fake_match[:size], bank) for size in (1, 3, 5, 6) if size <= n})
+    kept = fake_match[fake_score <= tau]  # what a privacy-filtered dataset keeps, in request order
+    values.update(filtered_coverage=coverage_of(kept, bank),
+                  **{f"filtered_coverage@{size}": coverage_of(kept[:size], bank) for size in (1, 3, 5) if size <= len(kept)})
     if not first_frame:
         values["temporal_consistency"] = temporal(oracle, fake)
         values.update(ef_faithfulness(world.regressor.read_ef(synthetic).double().numpy(), ef.double().numpy()))
@@ -208,6 +211,7 @@ def test_videos_animated_from_anatomy_frames_log_what_an_independent_computation
     assert set(METRIC_NAMES) <= set(values) and not {"identity_score", "identity_above_tau"} & set(values)
     assert {key for key in values if key.startswith("coverage@")} == {"coverage@1", "coverage@3", "coverage@5",
                                                                     "coverage@6", "coverage@7"}
+    assert 0 < values["filtered_coverage"] <= 1
     for name, value in expected.items():
         assert values[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
     assert callback.protocol.name == "clip:4" and callback.calibration.heldout_videos == 5
@@ -300,6 +304,7 @@ def test_a_generator_copying_a_third_of_the_training_set_covers_a_third_and_is_a
     assert values["coverage"] == pytest.approx(share / 18)  # 36 samples, 18 training videos: 6 / min(18, 36)
     assert values["memorization_rate"] == 1.0 and values["memorized_coverage"] == pytest.approx(share / 18)
     assert values["coverage@36"] == values["coverage"] and values["coverage@9"] <= share / 9 + 1e-6
+    assert "filtered_coverage" not in values  # the filter would keep none of them
 
 
 # ------------------------------------------------------------------------------------------ fits and errors
