@@ -104,7 +104,8 @@ class CoverageMeasures(_SampleMeasures):
     Update with per-frame embeddings ``(N, F, D)`` of samples (and, with ``ef``, the EF requested and read) and of
     held-out real videos; ``compute()`` → ``(values, details)`` or None when no rank saw a sample. ``values``: the
     names of ``METRIC_NAMES`` present plus ``coverage@n`` at :func:`coverage_sizes`; ``relative_coverage`` compares
-    samples and held-out videos at equal counts; ``filtered_coverage`` (and ``filtered_coverage@n``) is the coverage
+    samples and held-out videos at equal counts (the first n: by index, or by ``sample_order``);
+    ``filtered_coverage`` (and ``filtered_coverage@n``) is the coverage
     of the samples at or below τ — those a privacy-filtered dataset keeps, in sample order, so it can be read against
     the written dataset's coverage at equal counts. ``details``: per-video scores and matches, hits per training
     video, and the coverage curves (``synthetic_curve``, ``filtered_curve``, ``reference_curve``: coverage of the
@@ -116,6 +117,7 @@ class CoverageMeasures(_SampleMeasures):
         super().__init__(reid, bank, calibration, protocol, ef=ef, k=k)
         self.synthetic = CoverageMetric(len(bank), self.tau)
         self.reference = CoverageMetric(len(bank), self.tau)
+        self.sample_order: torch.Tensor | None = None  # rank of each sample index in the curves (None: by index)
 
     def update_synthetic(self, index: torch.Tensor, embedding: torch.Tensor, requested_ef: torch.Tensor | None = None,
                          read_ef: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,7 +142,8 @@ class CoverageMeasures(_SampleMeasures):
         synthetic = self.synthetic.compute()
         values = {name: synthetic[name] for name in ("coverage", "memorization_rate", "memorized_coverage")}
         values["tau"] = torch.tensor(self.tau, dtype=torch.float64)
-        curve = coverage_curve(synthetic["match"], len(self.bank))
+        ordered = self._in_sample_order(synthetic)
+        curve = coverage_curve(ordered["match"], len(self.bank))
         details = {f"synthetic_{key}": synthetic[key] for key in ("index", "score", "match")}
         details.update(hits=hit_counts(synthetic["match"], len(self.bank)), synthetic_curve=curve)
         if len(synthetic["index"]) > self.distribution.k:  # the same count on every rank: all call compute or none
@@ -162,15 +165,25 @@ class CoverageMeasures(_SampleMeasures):
             details["reference_curve"] = reference_curve
         for size in coverage_sizes(len(self.bank), len(curve), reference_size):
             values[f"coverage@{size}"] = curve[size - 1]
-        kept = synthetic["score"].double() <= self.tau  # what the privacy filter would keep, in sample order
+        kept = ordered["score"].double() <= self.tau  # what the privacy filter would keep, in sample order
         if bool(kept.any()):
-            kept_curve = coverage_curve(synthetic["match"][kept], len(self.bank))
+            kept_curve = coverage_curve(ordered["match"][kept], len(self.bank))
             values["filtered_coverage"] = kept_curve[-1]
             for size in coverage_sizes(len(self.bank), len(kept_curve), reference_size):
                 values[f"filtered_coverage@{size}"] = kept_curve[size - 1]
             details["filtered_curve"] = kept_curve
         self._add_sample_values(values, details)
         return values, details
+
+
+    def _in_sample_order(self, synthetic: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Samples in the order the coverage curves take them: by index, or by ``sample_order[index]`` (``evaluate``
+        sets the FileList's row order, which for a written dataset is the order the filter kept them in)."""
+        if self.sample_order is None:
+            return synthetic
+        rank = self.sample_order.to(synthetic["index"].device)[synthetic["index"]]
+        order = torch.argsort(rank, stable=True)
+        return {key: synthetic[key][order] for key in ("match", "score")}
 
 
 class IdentityMeasures(_SampleMeasures):

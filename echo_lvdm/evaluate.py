@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     measures = CoverageMeasures(reid, bank, calibration, protocol, ef=regressor is not None, k=args.k).to(args.device)
     measures.update_reference(heldout.index, heldout.embedding)
     synthetic.setup("predict")
+    # Coverage of the first n videos takes them in FileList row order (a written dataset: the order they were kept).
+    measures.sample_order = torch.tensor([record.line for record in synthetic.datasets["all"].records])
     reads_clips = regressor is not None and protocol.data_options() != clips
     with torch.no_grad():
         for batch in synthetic.predict_dataloader():
