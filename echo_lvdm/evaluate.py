@@ -212,6 +212,7 @@ def report(summary: dict, figures: list[str], args: argparse.Namespace) -> str:
              "| measure | value | meaning |", "|---|---|---|"]
     meanings = {
         "coverage": "distinct best-matching training videos / min(|R|, |S|) (seed paper's 'learned')",
+        "filtered_coverage": "the same for the synthetic videos at or below τ (what a privacy filter keeps)",
         "reference_coverage": "the same for held-out real videos",
         "relative_coverage": "coverage / reference coverage, both at the smaller set's size",
         "memorization_rate": "share of synthetic videos scoring above τ (the privacy filter drops them)",
