@@ -121,6 +121,7 @@ class CoverageCallback(L.Callback):
         self.batch_size, self.cache_dir = batch_size, None if cache_dir is None else Path(cache_dir)
         self.validations = 0  # finished validations of fits, sanity check excluded (saved with the checkpoint)
         self.reid = self.regressor = self.vae = self.anatomy = None
+        self._mode: str | None = None  # decided in setup, from the model being fitted
         self.protocol: Protocol | None = None
         self.bank = self.heldout = self.calibration = None  # per fit: the training and validation splits, τ
         self.measures: CoverageMeasures | IdentityMeasures | None = None

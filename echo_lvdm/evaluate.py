@@ -119,20 +119,21 @@ def run(args: argparse.Namespace) -> int:
     # Coverage of the first n videos takes them in FileList row order (a written dataset: the order they were kept).
     measures.sample_order = torch.tensor([record.line for record in synthetic.datasets["all"].records])
     reads_clips = regressor is not None and protocol.data_options() != clips
+
+    def read_ef(video: torch.Tensor) -> torch.Tensor:  # a latent regressor reads the VAE's encoding of the video
+        return regressor.read_ef(EncodedReID(reid, vae).latents(video) if latent_ef else video, args.ef_size)
     with torch.no_grad():
         for batch in synthetic.predict_dataloader():
             video, index = batch["video"].to(args.device), batch["index"].to(args.device)
             measures.update_synthetic(index, model.embed_videos(video))
             if regressor is not None and not reads_clips:
-                read = regressor.read_ef(model.latents(video) if latent_ef else video, args.ef_size)
-                measures.update_ef(index, batch["ef"].to(args.device), read)
+                measures.update_ef(index, batch["ef"].to(args.device), read_ef(video))
         if reads_clips:  # the protocol compares other frames than the clips the EF regressor reads
             ef_data = EchoNetDataModule(args.synthetic, predict_split="all", **common, **clips)
             ef_data.setup("predict")
             for batch in ef_data.predict_dataloader():
-                video = batch["video"].to(args.device)
-                read = regressor.read_ef(model.latents(video) if latent_ef else video, args.ef_size)
-                measures.update_ef(batch["index"].to(args.device), batch["ef"].to(args.device), read)
+                measures.update_ef(batch["index"].to(args.device), batch["ef"].to(args.device),
+                                   read_ef(batch["video"].to(args.device)))
     result = measures.compute()
     if result is None:
         raise ValueError(f"evaluate: {args.synthetic} has no videos")
