@@ -28,6 +28,7 @@ PLAIN_COMMANDS = {  # command → module
     "pipeline": "echo_lvdm.pipeline",
     "evaluate": "echo_lvdm.evaluate",
     "calibrate": "echo_lvdm.calibrate",
+    "audit": "echo_lvdm.audit",
 }
 
 PLAIN_HELP = {  # kept here so `echo-lvdm --help` imports no command module
@@ -39,6 +40,7 @@ PLAIN_HELP = {  # kept here so `echo-lvdm --help` imports no command module
     "evaluate": "coverage, memorisation and EF faithfulness of a synthetic EchoNet folder against a real one, with a "
                 "report",
     "calibrate": "the privacy threshold τ of a re-ID model under a comparison protocol, stored beside its checkpoint",
+    "audit": "does the privacy filter catch near-copies of training videos? recall per transform, false flags",
 }
 
 

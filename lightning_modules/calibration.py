@@ -99,3 +99,23 @@ def find_calibration(checkpoint: str | Path, *, protocol: Protocol | str, quanti
                 and heldout in (None, entry.heldout):
             return entry
     return None
+
+
+def filter_bank(encoder, reid, reid_path: str | Path, real, protocol: Protocol | str, *, cache_dir: str | Path | None,
+                quantile: float | None = None, heldout: str = "val"):
+    """What the privacy filter compares against, and with which τ: the training split of ``real`` (an
+    :class:`~datamodules.EchoNetDataModule` built for ``protocol``) embedded by ``encoder``, and τ of ``protocol`` —
+    stored beside ``reid_path`` for this data (``echo-lvdm calibrate``), else calibrated here on ``heldout``.
+    Returns ``(bank, calibration, source)`` where ``source`` says where τ came from."""
+    from lightning_modules.reid_embeddings import embed_split
+
+    bank = embed_split(encoder, real, "train", cache_dir=cache_dir)
+    quantile = float(reid.hparams.quantile) if quantile is None else float(quantile)
+    weights, data = encoder.weights_checksum(), real.root_for("train")
+    stored = find_calibration(reid_path, protocol=protocol, quantile=quantile, weights_checksum=weights, data=data)
+    if stored is not None:
+        return bank, stored, f"stored in {calibrations_path(reid_path).name}"
+    held = embed_split(encoder, real, heldout, cache_dir=cache_dir)
+    calibration = calibrate(reid, bank, held, quantile=quantile, protocol=protocol, heldout_name=heldout,
+                            weights_checksum=weights, data=data)
+    return bank, calibration, f"calibrated on the {len(held)} {heldout.upper()} videos"
