@@ -36,6 +36,9 @@ class LatentCacheWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.overwrite = overwrite
+        # The checkpoint `predict --ckpt_path` loads *after* the callbacks' setup, where entries are judged stale or
+        # not: the CLI sets it so that the checksum is of the weights that will encode (not of the initial ones).
+        self.ckpt_path: str | None = None
         self.encoded: list[str] = []
         self.up_to_date: list[str] = []
 
@@ -58,7 +61,11 @@ class LatentCacheWriter(BasePredictionWriter):
             self.cache_dir = Path(hp.latent_dir)
         split = hp.predict_split
         dataset = datamodule.datasets[split]
-        self.checksum = checksum_of_weights(pl_module.vae)
+        if self.ckpt_path is not None:
+            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            self.checksum = checksum_of_weights(state["state_dict"])
+        else:
+            self.checksum = checksum_of_weights(pl_module.vae)
         stale = None
         if trainer.is_global_zero:
             stale = [i for i, record in enumerate(dataset.records)
@@ -72,6 +79,16 @@ class LatentCacheWriter(BasePredictionWriter):
         self._records = datamodule.datasets[split].records
         rank_zero_info(f"latent cache {self.cache_dir}: {len(stale)} video(s) to encode, "
                        f"{len(self.up_to_date)} up to date (VAE {self.checksum[:12]}…)")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning_modules.vae_utils import checksum_of_weights
+
+        loaded = checksum_of_weights(pl_module.vae)
+        if loaded != self.checksum:
+            raise ValueError(f"LatentCacheWriter: the VAE that encodes ({loaded[:12]}…) is not the one the cache was "
+                             f"checked against at setup ({self.checksum[:12]}…): a checkpoint given to "
+                             "trainer.predict(ckpt_path=…) loads after setup — set the callback's ckpt_path to it "
+                             "(echo-lvdm predict --ckpt_path does)")
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Any],
                            batch_indices: Any, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:

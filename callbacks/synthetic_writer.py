@@ -18,7 +18,12 @@ Output folder::
                                     dropped / surplus) —
                                     scores only, no training file names, so it can be published with the data
     dataset.json                    the setup (checksums of every model, τ, requests), the privacy threshold with
-                                    its protocol and held-out set, counts, complete or not
+                                    its protocol and held-out set, the privacy audit of the filter (recall per
+                                    near-copy transform, false flags on real TEST videos), counts, complete or not
+
+Before the first attempt the filter is audited (``audit``): canaries — near-copies of training videos — are written
+and scored as attempts are; the recall per transform and the false-flag rate go into ``dataset.json``, and by default
+a filter below its floors writes nothing.
 
 Fail-closed: without a re-ID model the writer refuses, unless ``unfiltered: true``; an
 unfiltered dataset says so in ``dataset.json`` and in a ``NOT_PRIVACY_FILTERED.txt`` file beside its FileList.
@@ -73,13 +78,22 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         cache_dir: where the training split's re-ID embeddings are cached (None: the trainer's default_root_dir
             under ``reid_cache/``; never inside ``out``: they derive from patient videos).
         prefix: video name prefix.
+        audit: before generating, the privacy audit (:mod:`lightning_modules.privacy_audit`, as ``echo-lvdm
+            audit``) of this re-ID model and τ under this protocol — near-copies of ``audit_sources`` training videos
+            and the real TEST videos, written and scored as attempts are — recorded in ``dataset.json``.
+            ``"refuse"`` (default): write nothing when the filter fails ``audit_floors``; ``"record"``: write and
+            record the failure; ``"off"``: no audit (recorded as not audited).
+        audit_sources: training videos the canaries are made of. audit_floors: ``floor`` (every single transform's
+            recall), ``combined_floor``, ``max_false_flags`` (default
+            :data:`~lightning_modules.privacy_audit.DEFAULT_FLOORS`).
     """
 
     def __init__(self, out: str | Path, num_videos: int, *, reid: str | None = None, vae: str | None = None,
                  anatomy: str | None = None, unfiltered: bool = False,
                  splits: dict[str, float] | None = None, num_frames: int | None = None, steps: int | None = None,
                  sampler: str | None = None, guidance_scale: float | None = None, fps: float | None = None,
-                 cache_dir: str | None = None, prefix: str = "synthetic") -> None:
+                 cache_dir: str | None = None, prefix: str = "synthetic", audit: str = "refuse",
+                 audit_sources: int = 24, audit_floors: dict[str, float] | None = None) -> None:
         super().__init__(write_interval="batch")
         if num_videos < 1:
             raise ValueError(f"SyntheticDatasetWriter: num_videos must be ≥ 1, got {num_videos}")
@@ -99,6 +113,17 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         self.sampling = {key: value for key, value in dict(num_frames=num_frames, steps=steps, scheduler=sampler,
                                                              guidance_scale=guidance_scale).items() if value is not None}
         self.cache_dir = cache_dir
+        if audit not in ("refuse", "record", "off"):
+            raise ValueError(f"SyntheticDatasetWriter: audit must be 'refuse', 'record' or 'off', got {audit!r}")
+        from lightning_modules.privacy_audit import DEFAULT_FLOORS
+
+        unknown = set(audit_floors or {}) - set(DEFAULT_FLOORS)
+        if unknown:
+            raise ValueError(f"SyntheticDatasetWriter: audit_floors takes {sorted(DEFAULT_FLOORS)}, got {sorted(unknown)}")
+        self.audit, self.audit_sources = audit, audit_sources
+        self.audit_floors = {**DEFAULT_FLOORS, **(audit_floors or {})}
+        self.audit_summary: dict[str, Any] | None = None
+        self.real = None
         self.reid = self.vae = self.anatomy = self.encoder = self.bank = self.calibration = self.protocol = None
         self.tau = float("nan")
         self.rows: dict[int, dict[str, Any]] = {}  # attempt → audit row
@@ -130,6 +155,8 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         self.split_plan = split_plan(self.splits, self.num_videos, self.requests.seed)
         self.signature = self._signature(pl_module)
         self._check_folder()  # every rank, so that all of them raise together
+        if self.reid is not None:
+            self._run_audit(trainer)
         _barrier()
         if trainer.is_global_zero:
             self._reconcile()
@@ -179,6 +206,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                                  channels=channels, size=hp.size, batch_size=hp.batch_size, num_workers=0,
                                  eval_seed=hp.eval_seed, **self.protocol.data_options())
         cache = Path(self.cache_dir) if self.cache_dir is not None else Path(trainer.default_root_dir) / "reid_cache"
+        self.real = real
         bank = embed_split(self.encoder, real, "train", cache_dir=cache)
         quantile, weights = float(self.reid.hparams.quantile), self.encoder.weights_checksum()
         data = datamodule.root_for("train")
@@ -193,6 +221,49 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                        f"{self.protocol.name}, τ = {self.tau:.4g} from {self.calibration.heldout_videos} "
                        f"{self.calibration.heldout} videos")
         return bank
+
+    def _run_audit(self, trainer: L.Trainer) -> None:
+        """The privacy audit of this filter (rank 0 runs it, every rank gets the summary); a dataset continued with
+        the same setup keeps the audit it recorded."""
+        if self.audit == "off":
+            self.audit_summary = {"audited": False}
+            return
+        meta_path = self.out / "dataset.json"
+        previous = json.loads(meta_path.read_text()).get("privacy_audit") if meta_path.is_file() else None
+        summary = None
+        if previous and previous.get("audited") and previous.get("tau") == self.tau:
+            summary = previous
+        elif trainer.is_global_zero:
+            from lightning_modules.privacy_audit import run_audit
+
+            heldout = ()
+            if "test" not in self.calibration.heldout.split("+"):
+                try:  # false flags on real videos that did not calibrate τ
+                    self.real.setup("test")
+                    heldout = self.real.datasets["test"].records
+                except ValueError:
+                    rank_zero_warn("SyntheticDatasetWriter: the real data has no TEST split; the audit counts no "
+                                   "false flags")
+            size = self.real.hparams.size
+            result = run_audit(self.encoder, self.reid, self.bank, self.tau, self.protocol,
+                               self.real.datasets["train"].records, heldout_records=heldout,
+                               sources=self.audit_sources, size=(size, size) if isinstance(size, int) else size,
+                               calibration=self.calibration.as_dict())
+            summary = {"audited": True, **result.summary(**self.audit_floors)}
+        self.audit_summary = summary = trainer.strategy.broadcast(summary, src=0)
+        recall = summary["recall"]
+        rank_zero_info("SyntheticDatasetWriter: privacy audit " + ("passed" if summary["passed"] else "FAILED") +
+                       f": least single-transform recall {summary['min_single_recall']:.3f}, combined "
+                       f"{summary['combined_recall']:.3f}, held-out false flags "
+                       f"{summary['heldout_false_flags']['flagged']}/{summary['heldout_false_flags']['videos']} ("
+                       + ", ".join(f"{name} {entry['recall']:.2f}" for name, entry in recall.items()
+                                   if entry["recall"] < 1) + ")")
+        if not summary["passed"] and self.audit == "refuse":
+            raise RuntimeError("SyntheticDatasetWriter: the privacy filter failed its audit ("
+                               + "; ".join(summary["failures"]) + f"): with this re-ID model and τ = {self.tau:.4g} it "
+                               "misses near-copies of training videos, so its filtering would not protect them. "
+                               "Train the re-ID model with near-copy positives (data.augment_frames), or set "
+                               "audit: record to write the dataset with the failure recorded in dataset.json")
 
     def _signature(self, pl_module: L.LightningModule) -> dict[str, Any]:
         from lightning_modules.vae_utils import checksum_of_weights
@@ -330,6 +401,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                   for decision in ("kept", "dropped", "surplus")}
         meta = {"created_by": "echo-lvdm SyntheticDatasetWriter", "privacy_filtered": not self.unfiltered,
                 "privacy_threshold": None if self.reid is None else self.calibration.as_dict(),
+                "privacy_audit": self.audit_summary,
                 "complete": len(kept) >= self.num_videos, "attempts": len(rows), **counts,
                 "attempt_cap": self.requests.attempts, "setup": self.signature}
         with atomic_output(self.out / "dataset.json") as tmp:

@@ -63,6 +63,10 @@ class EchoNetDataModule(L.LightningDataModule):
             ``"requests"``: no video, but one generation request per attempt of ``requests`` (a synthetic dataset
             written by :class:`~callbacks.synthetic_writer.SyntheticDatasetWriter`; see :mod:`datamodules.requests`).
         requests: what to generate when ``predict_split`` is ``"requests"``.
+        augment_frames: with ``sampling: frames``, each training item also carries ``augmented`` ``(A, C, H, W)``:
+            copies of its first A frames *in pixels* (read from the video in latent space too), each under a random
+            near-copy transform (:mod:`datamodules.augment`) — extra positives for the re-identification model,
+            which encodes them with the VAE in latent space (``ReIDModule(augment_vae=…)``). 0: off.
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class EchoNetDataModule(L.LightningDataModule):
         latent_posterior: Literal["sample", "mean"] = "sample",
         latent_scaled: bool = True,
         vae_checksum: str | None = None,
+        augment_frames: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -141,7 +146,8 @@ class EchoNetDataModule(L.LightningDataModule):
             raise DataValidationError(f"{table.root / 'FileList.csv'}: no row has Split={split.upper()} (expected {labels})")
         options = dict(sampling=hp.sampling, clip_length=hp.clip_length, period=hp.period if hp.fps is None else None,
                        target_fps=hp.fps, num_frames=hp.num_frames, pad=hp.pad, channels=hp.channels, size=hp.size,
-                       eval_seed=hp.eval_seed, eval_start=hp.eval_start)
+                       eval_seed=hp.eval_seed, eval_start=hp.eval_start,
+                       augment_frames=hp.augment_frames if split == "train" else 0)
         if hp.space == "pixel":
             return EchoNetVideoDataset(table.records, **options)
         records, scaling_factor, problems = cached_records(table.records, hp.latent_dir, hp.vae_checksum)

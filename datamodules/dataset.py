@@ -23,7 +23,7 @@ from datamodules.video_io import ShortVideoError, read_video
 Sampling = Literal["clip", "frames", "video"]
 # SeedSequence ignores trailing zeros ((s, e, 0) == (s, e)): nonzero tags keep the streams apart.
 _TRAIN_STREAM, _EVAL_STREAM = 1, 2
-_PLAN_STREAM, NOISE_STREAM = 1, 2
+_PLAN_STREAM, NOISE_STREAM, _AUGMENT_STREAM = 1, 2, 3
 
 
 def key_index(key: int | SampleKey) -> int:
@@ -92,6 +92,7 @@ class EchoNetVideoDataset(Dataset):
         size: int | tuple[int, int] | None = None,
         eval_seed: int = 0,
         eval_start: Literal["random", "first"] = "random",
+        augment_frames: int = 0,
     ) -> None:
         if sampling not in ("clip", "frames", "video"):
             raise ValueError(f"sampling must be 'clip', 'frames' or 'video', got {sampling!r}")
@@ -101,6 +102,8 @@ class EchoNetVideoDataset(Dataset):
             raise ValueError("give either period or target fps, not both")
         if eval_start not in ("random", "first"):
             raise ValueError(f"eval_start must be 'random' or 'first', got {eval_start!r}")
+        if augment_frames < 0 or (augment_frames and sampling != "frames"):
+            raise ValueError(f"augment_frames ({augment_frames}) must be ≥ 0, and > 0 only with sampling='frames'")
         self.records = list(records)
         self.sampling = sampling
         self.clip_length = clip_length
@@ -112,6 +115,7 @@ class EchoNetVideoDataset(Dataset):
         self.size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
         self.eval_seed = eval_seed
         self.eval_start = eval_start
+        self.augment_frames = augment_frames
         self._index_patients()
 
     def _index_patients(self) -> None:
@@ -181,10 +185,29 @@ class EchoNetVideoDataset(Dataset):
             warnings.warn(f"{err}; using {err.decoded} frames (FileList line {record.line})", stacklevel=2)
             self.records[index] = dataclasses.replace(record, num_frames=err.decoded)
             video, fps = self._planned_frames(key)
-        return {
+        item = {
             "video": video,
             "ef": torch.tensor(record.ef, dtype=torch.float32),
             "index": torch.tensor(index, dtype=torch.int64),
             "patient": torch.tensor(self.patient_ids[index], dtype=torch.int64),
             "fps": torch.tensor(fps, dtype=torch.float32),
         }
+        if self.augment_frames and isinstance(key, tuple | list):  # training items only
+            item["augmented"] = self.augmented(key, video)
+        return item
+
+    def augment_source(self, key: SampleKey, video: torch.Tensor) -> torch.Tensor:
+        """The pixel frames ``augment_frames`` transforms: the item's first ones (here the item is in pixels)."""
+        return video[:self.augment_frames]
+
+    def augmented(self, key: SampleKey, video: torch.Tensor) -> torch.Tensor:
+        """``augment_frames`` pixel frames ``(A, C, H, W)`` in [-1, 1]: the item's first frames, each under its own
+        random :class:`~datamodules.augment.FrameTransform` drawn from the item's key (reproducible like the
+        frames). Near-copies of the item as extra positives for the re-identification model."""
+        from datamodules.augment import FrameTransform
+
+        rng = self.generator(key, _AUGMENT_STREAM)
+        source = self.augment_source(key, video)
+        frames = [FrameTransform.random(rng).apply(frame[None], torch.Generator().manual_seed(int(rng.integers(2**62))))
+                  for frame in source]
+        return torch.cat(frames)

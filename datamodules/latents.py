@@ -21,10 +21,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from datamodules.dataset import NOISE_STREAM, EchoNetVideoDataset, key_index
+from datamodules.dataset import NOISE_STREAM, EchoNetVideoDataset, key_index, to_model_range
 from datamodules.filelist import VideoRecord
 from datamodules.sampler import SampleKey
-from datamodules.video_io import atomic_output
+from datamodules.video_io import atomic_output, read_video
 
 FORMAT_VERSION = "1"
 ENCODE_COMMAND = ("echo-lvdm predict --config configs/data/<dataset>.yaml --config configs/vae_encode.yaml "
@@ -136,6 +136,13 @@ class EchoNetLatentDataset(EchoNetVideoDataset):
             noise = self.generator(key, NOISE_STREAM).standard_normal(mean.shape, dtype=np.float32)
             latents = mean + torch.exp(0.5 * logvar) * torch.from_numpy(noise)
         return latents * self.scaling_factor if self.scaled else latents
+
+    def augment_source(self, key: SampleKey, video: torch.Tensor) -> torch.Tensor:
+        """The item's first ``augment_frames`` frames read in pixels from the source video (the model encodes their
+        transformed copies with the VAE that wrote this cache)."""
+        plan, _ = self.frame_plan(key)
+        return to_model_range(read_video(self.records[key_index(key)].path, gray=self.channels == 1,
+                                         indices=plan[:self.augment_frames]))
 
 
 def cached_records(records: Sequence[VideoRecord], cache_dir: str | Path,

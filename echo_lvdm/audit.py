@@ -28,10 +28,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FLOORS = dict(floor=0.99, combined_floor=0.95, max_false_flags=0.10)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lightning_modules.privacy_audit import DEFAULT_FLOORS as FLOORS
+
     parser.add_argument("--real", "--data.root", dest="real", type=Path, required=True,
                         help="real EchoNet-layout folder: TRAIN is the bank the canaries come from")
     parser.add_argument("--reid", type=Path, required=True, help="ReIDModule checkpoint (the filter's)")

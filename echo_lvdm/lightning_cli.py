@@ -69,6 +69,14 @@ class EchoLVDMCLI(LightningCLI):
             if logger.class_path.endswith("WandbLogger") and not getattr(init_args, "name", None):
                 init_args.name = Path(root).name
 
+    def before_predict(self) -> None:
+        from callbacks.latent_cache import LatentCacheWriter
+
+        ckpt_path = self.config["predict"].get("ckpt_path")
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, LatentCacheWriter) and ckpt_path and callback.ckpt_path is None:
+                callback.ckpt_path = str(ckpt_path)  # the weights Lightning loads after the callbacks' setup
+
     def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
         # The shared checkpoint steps aside for a config's own ModelCheckpoint, and when checkpointing is off.
         own = config.get("callbacks") or []

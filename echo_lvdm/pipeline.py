@@ -150,7 +150,9 @@ def _latent_data(job: Run) -> dict[str, Any]:
 
 
 def stage_reid(job: Run) -> dict[str, Any]:
-    result = job.fit("reid", _latent_data(job))
+    # The VAE that wrote the cache encodes the near-copy positives of data.augment_frames (unused without them).
+    overlay = _merge(_latent_data(job), {"model": {"init_args": {"augment_vae": job.artifact("export", "vae")}}})
+    result = job.fit("reid", overlay)
     result["metrics"].update(job.test("reid", result["checkpoint"], _latent_data(job)))
     return result
 
@@ -198,7 +200,13 @@ def stage_generate(job: Run) -> dict[str, Any]:
     overlay["data"] = {key: value for key, value in overlay["data"].items() if value != {}}
     job.lightning("generate", "predict", overlay, "--ckpt_path", job.artifact("video", "checkpoint"))
     meta = json.loads((out / "dataset.json").read_text())
-    return {"synthetic": str(out), "metrics": {key: meta[key] for key in ("kept", "dropped", "surplus", "attempts")}}
+    metrics = {key: meta[key] for key in ("kept", "dropped", "surplus", "attempts")}
+    audit = meta.get("privacy_audit") or {}
+    if audit.get("audited"):
+        metrics.update({"audit/min_single_recall": audit["min_single_recall"],
+                        "audit/combined_recall": audit["combined_recall"],
+                        "audit/heldout_false_flags": audit["heldout_false_flags"]["rate"]})
+    return {"synthetic": str(out), "metrics": metrics}
 
 
 def stage_ef_synthetic(job: Run) -> dict[str, Any]:
@@ -287,6 +295,9 @@ SUMMARY = [  # stage, metric, label
     ("video", "val/reference_coverage", "reference coverage during training (validation videos)"),
     ("video", "val/memorization_rate", "memorisation rate during training"),
     ("video", "val/tau", "τ of the training-time protocol"),
+    ("generate", "audit/min_single_recall", "privacy audit: least recall of one near-copy transform"),
+    ("generate", "audit/combined_recall", "privacy audit: recall of the combined transform"),
+    ("generate", "audit/heldout_false_flags", "privacy audit: real TEST videos flagged"),
     ("generate", "kept", "synthetic videos kept"), ("generate", "dropped", "dropped by the privacy filter"),
     ("ef_synthetic", "test/r2", "EF R² (trained on synthetic, tested on real)"),
     ("ef_synthetic", "test/mae", "EF MAE (synthetic → real)"),

@@ -17,6 +17,7 @@ training file names.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import subprocess
@@ -50,16 +51,24 @@ class Canary:
     start: float = 0.0
     rate: float = 1.0
     reencode: int | None = None
+    shift: float = 0.0  # pixels, in a direction that turns from one source video to the next
 
     @property
     def name(self) -> str:
         return self.kind if not self.magnitude else f"{self.kind} {self.magnitude}"
 
+    def transform_for(self, number: int) -> FrameTransform:
+        """The frame transform for the ``number``-th source video: ``shift`` pixels at ``number`` golden angles."""
+        if not self.shift:
+            return self.transform
+        angle = number * math.pi * (3.0 - math.sqrt(5.0))
+        return dataclasses.replace(self.transform, shift=(self.shift * math.cos(angle), self.shift * math.sin(angle)))
+
 
 def _canaries() -> list[Canary]:
     T = FrameTransform
     rows = [Canary("exact", "")]
-    rows += [Canary("shift", f"{m:g} px", T(shift=(m, m))) for m in (0.5, 1.0, 2.0, 4.0)]
+    rows += [Canary("shift", f"{m:g} px", shift=m) for m in (0.5, 1.0, 2.0, 4.0)]
     rows += [Canary("rotate", f"{m:g}°", T(rotate=m)) for m in (2.0, 5.0)]
     rows += [Canary("scale", f"×{m:g}", T(scale=m)) for m in (0.95, 1.05)]
     rows += [Canary("noise", f"σ {m:g}", T(noise=m)) for m in (4.0, 8.0)]
@@ -69,13 +78,16 @@ def _canaries() -> list[Canary]:
     rows += [Canary("later start", f"+{m:g} video", start=m) for m in (0.25, 0.5)]
     rows += [Canary("frame rate", f"×{m:g}", rate=m) for m in (0.8, 1.25)]
     rows += [Canary("re-encode", f"q {m}", reencode=m) for m in (5, 10)]
-    rows.append(Canary("combined", "", T(shift=(2.0, 2.0), rotate=2.0, scale=1.03, blur=0.5, gain=1.05, gamma=0.95,
-                                         noise=4.0), start=0.25, rate=1.25, reencode=5))
+    rows.append(Canary("combined", "", T(rotate=2.0, scale=1.03, blur=0.5, gain=1.05, gamma=0.95, noise=4.0),
+                       start=0.25, rate=1.25, reencode=5, shift=2.0))
     return rows
 
 
 DEFAULT_CANARIES: tuple[Canary, ...] = tuple(_canaries())
 COMBINED = "combined"
+# A filter passes when every single transform's recall is ≥ floor, the combination's ≥ combined_floor, and at most
+# max_false_flags of held-out real videos are flagged (τ's q = 0.95 implies about 0.05).
+DEFAULT_FLOORS = dict(floor=0.99, combined_floor=0.95, max_false_flags=0.10)
 
 
 @contextlib.contextmanager
@@ -103,11 +115,12 @@ def canary_clip(num_frames: int, length: int, step: float, start: int, canary: C
     return clip_indices(num_frames, length, step, min(later, max_clip_start(num_frames, length, step)), "reflect")
 
 
-def make_canary(video: np.ndarray, canary: Canary, *, length: int, step: float, start: int,
+def make_canary(video: np.ndarray, canary: Canary, *, length: int, step: float, start: int, number: int,
                 generator: torch.Generator) -> np.ndarray:
-    """uint8 ``(T, H, W[, 3])`` source video → the canary's uint8 frames before writing."""
+    """uint8 ``(T, H, W[, 3])`` source video → the canary's uint8 frames before writing (``number``: the source's
+    ordinal, which turns the shift's direction)."""
     frames = to_model_range(video[canary_clip(len(video), length, step, start, canary)])
-    frames = canary.transform.apply(frames, generator)
+    frames = canary.transform_for(number).apply(frames, generator)
     array = ((frames + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
     array = array[:, 0] if array.shape[1] == 1 else array.permute(0, 2, 3, 1)
     return np.ascontiguousarray(array.numpy())
@@ -223,8 +236,7 @@ def run_audit(encoder, reid, bank, tau: float, protocol: Protocol, train_records
         raise ValueError(f"bank has {len(bank)} videos but {len(train_records)} training records were given")
     channels = encoder.vae.config.in_channels if encoder.vae is not None else reid.hparams.in_channels
     gray = int(channels) == 1
-    rng = np.random.default_rng((seed, 29))
-    chosen = rng.permutation(len(train_records))[:min(sources, len(train_records))]
+    chosen = canary_sources(len(train_records), sources, seed)
     bank_embedding, bank_index = bank.embedding.to(encoder.device), bank.index.tolist()
     rows: list[dict[str, Any]] = []
     heldout_scores: list[float] = []
@@ -249,17 +261,16 @@ def run_audit(encoder, reid, bank, tau: float, protocol: Protocol, train_records
             progress(len(rows), len(chosen) * len(canaries), len(heldout_scores), len(heldout_records))
 
     with scratch_folder(scratch) as folder:
-        for number, source in enumerate(chosen.tolist()):
+        for number, source in enumerate(chosen):
             record = train_records[source]
             video = read_video(record.path, gray=gray)
             step = protocol_step(protocol, record.fps)
             fps = record.fps / step
-            start = int(np.random.default_rng((seed, 31, number)).integers(
-                0, max_clip_start(len(video), protocol.length, step) + 1))
+            start = canary_start(len(video), protocol.length, step, seed, number)
             for c, canary in enumerate(canaries):
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + number * 1_009 + c)
                 frames = make_canary(video, canary, length=protocol.length, step=step, start=start,
-                                     generator=generator)
+                                     number=number, generator=generator)
                 written = write_canary(folder / f"canary_{number:04d}_{c:02d}.avi", frames, fps, canary)
                 pending.append(({"Canary": canary.name, "Kind": canary.kind, "Magnitude": canary.magnitude,
                                  "Source": number, "_source": source}, written))
@@ -269,10 +280,9 @@ def run_audit(encoder, reid, bank, tau: float, protocol: Protocol, train_records
         for number, record in enumerate(heldout_records):
             video = read_video(record.path, gray=gray)
             step = protocol_step(protocol, record.fps)
-            start = int(np.random.default_rng((seed, 37, number)).integers(
-                0, max_clip_start(len(video), protocol.length, step) + 1))
+            start = canary_start(len(video), protocol.length, step, seed, number, stream=37)
             frames = make_canary(video, DEFAULT_CANARIES[0], length=protocol.length, step=step, start=start,
-                                 generator=torch.Generator())
+                                 number=number, generator=torch.Generator())
             pending.append((None, write_canary(folder / f"heldout_{number:04d}.avi", frames, record.fps / step,
                                                DEFAULT_CANARIES[0])))
             if len(pending) >= batch_size:
@@ -280,6 +290,16 @@ def run_audit(encoder, reid, bank, tau: float, protocol: Protocol, train_records
         flush()
     return AuditResult(tau=float(tau), protocol=protocol.name, canaries=rows, heldout_scores=heldout_scores,
                        calibration=calibration, sources=len(chosen))
+
+
+def canary_sources(videos: int, sources: int, seed: int) -> list[int]:
+    """Which training videos (rows) the canaries are made of: the first ``sources`` of a seeded permutation."""
+    return np.random.default_rng((seed, 29)).permutation(videos)[:min(sources, videos)].tolist()
+
+
+def canary_start(num_frames: int, length: int, step: float, seed: int, number: int, stream: int = 31) -> int:
+    """Where the ``number``-th source's clip starts before a canary moves it: seeded, anywhere a clip fits."""
+    return int(np.random.default_rng((seed, stream, number)).integers(0, max_clip_start(num_frames, length, step) + 1))
 
 
 def protocol_step(protocol: Protocol, source_fps: float) -> float:

@@ -81,6 +81,12 @@ class ReIDModule(L.LightningModule):
         calibrate_every_n_epochs: 0 calibrates only on :meth:`calibrate`.
         eval_pair_seed: seeds the evaluation negatives.
         search_max_elements: memory bound of the nearest-neighbour search (score-block elements).
+        augment_vae: exported VAE folder (``echo-lvdm export-vae``; the VAE that wrote the latent cache) for a latent
+            model trained with ``data.augment_frames``: the batch's ``augmented`` pixel frames — near-copies of its
+            frames (:mod:`datamodules.augment`) — are encoded by it (posterior mean × scaling factor, as the cache
+            and the filter encode) and join their item as extra frames, so they are positives of its frames and
+            negatives of everyone else's. A pixel model uses them as they are. Frozen, not in the checkpoint's
+            weights; only fitting reads it.
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class ReIDModule(L.LightningModule):
         calibrate_every_n_epochs: int = 1,
         eval_pair_seed: int = 0,
         search_max_elements: int = 2**24,
+        augment_vae: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -216,8 +223,52 @@ class ReIDModule(L.LightningModule):
         return privacy_threshold(values, self.hparams.quantile)
 
     # ---- training -----------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.augment_vae and self.hparams.in_channels == 4 \
+                and self.__dict__.get("_augment_vae") is None:
+            from lightning_modules.vae_utils import load_frozen_vae
+
+            self.__dict__["_augment_vae"] = load_frozen_vae(self.hparams.augment_vae)  # not a submodule: no state
+
+    def on_fit_start(self) -> None:
+        vae = self.__dict__.get("_augment_vae")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and datamodule.hparams.get("augment_frames") and self.hparams.in_channels == 4 \
+                and vae is None:
+            raise ValueError(f"data.augment_frames {datamodule.hparams.augment_frames} serves near-copies in pixels "
+                             "and this latent re-ID model has no VAE to encode them: set model.augment_vae to the "
+                             "exported VAE folder that wrote the latent cache (or data.augment_frames 0 for the "
+                             "papers' setting)")
+        if vae is None or datamodule is None or datamodule.hparams.get("space") != "latent":
+            return
+        from datamodules.latents import entry_path, read_meta
+
+        records = datamodule.datasets["train"].records
+        meta = read_meta(entry_path(datamodule.hparams.latent_dir, records[0])) if records else None
+        checksum = checksum_of_weights(vae)
+        if meta is not None and meta.vae_checksum != checksum:
+            raise ValueError(f"model.augment_vae {self.hparams.augment_vae} (weights {checksum[:12]}…) is not the VAE "
+                             f"that wrote the latent cache {datamodule.hparams.latent_dir} ({meta.vae_checksum[:12]}…):"
+                             " augmented frames would be encoded differently from the frames they pair with")
+
+    def augmented_views(self, augmented: torch.Tensor) -> torch.Tensor:
+        """The batch's ``augmented`` pixel frames ``(B, A, C, H, W)`` in this model's input space."""
+        if self.hparams.in_channels != 4:
+            return augmented.to(self.dtype)
+        vae = self.__dict__.get("_augment_vae")
+        if vae is None:
+            raise ValueError("the batch carries augmented pixel frames (data.augment_frames) but this latent re-ID "
+                             "model has no VAE to encode them: set model.augment_vae to the exported VAE folder")
+        vae.to(self.device)
+        frames = augmented.flatten(0, 1).to(self.device, vae.dtype)
+        with torch.no_grad():
+            mean = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in frames.split(64)])
+        return (mean * float(vae.config.scaling_factor)).to(self.dtype).unflatten(0, augmented.shape[:2])
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         video = batch["video"]
+        if "augmented" in batch:  # near-copies join their item: positives of its frames
+            video = torch.cat([video, self.augmented_views(batch["augmented"])], dim=1)
         generator = torch.Generator().manual_seed(self.global_step * 1_000_003 + self.current_epoch)
         first, second, label = training_pairs(batch["patient"], batch["index"], video.shape[1], generator)
         if label.numel() == 0:

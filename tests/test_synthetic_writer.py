@@ -63,6 +63,7 @@ def planted_sources(planted: SimpleNamespace, attempts: int) -> dict[int, Path]:
 
 
 def generate(planted: SimpleNamespace, out: Path, num_videos: int, attempts: int, **writer_args) -> SyntheticDatasetWriter:
+    writer_args.setdefault("audit", "off")  # the distance re-ID fails the audit (test_privacy_audit.py)
     writer = SyntheticDatasetWriter(out, num_videos, vae=str(planted.out / "vae"), cache_dir=str(planted.out / "cache"),
                                     **writer_args)
     datamodule = EchoNetDataModule(planted.real, predict_split="requests", batch_size=4,
@@ -145,6 +146,30 @@ def test_without_a_stored_tau_the_filter_calibrates_its_own_protocol_on_the_vali
     assert {row["TauProtocol"] for row in audit} == {f"clip:{PLANTED_CLIP}"}
 
 
+def test_writer_records_the_audit_of_its_filter_and_refuses_below_the_floors(planted, tmp_path):
+    # The distance re-ID misses shifted copies: by default nothing is written.
+    with pytest.raises(RuntimeError, match="failed its audit"):
+        generate(planted, tmp_path / "refused", num_videos=4, attempts=8, reid=str(planted.reid), audit="refuse",
+                 audit_sources=3)
+    assert not list((tmp_path / "refused").glob("**/*.avi")) and not (tmp_path / "refused" / "dataset.json").exists()
+    # Told to write anyway, the dataset carries the failed audit; with floors it meets, a passed one.
+    generate(planted, tmp_path / "recorded", num_videos=4, attempts=8, reid=str(planted.reid), audit="record",
+             audit_sources=3)
+    recorded = json.loads((tmp_path / "recorded" / "dataset.json").read_text())["privacy_audit"]
+    assert recorded["audited"] and not recorded["passed"] and recorded["sources"] == 3
+    assert recorded["recall"]["exact"]["recall"] == 1.0 and recorded["tau"] == planted.tau
+    assert recorded["heldout_false_flags"]["videos"] == 0  # τ came from VAL and TEST together: none left to count
+    lenient = {"floor": 0.0, "combined_floor": 0.0, "max_false_flags": 1.0}
+    generate(planted, tmp_path / "lenient", num_videos=4, attempts=8, reid=str(planted.reid), audit_sources=3,
+             audit="refuse", audit_floors=lenient)
+    passed = json.loads((tmp_path / "lenient" / "dataset.json").read_text())["privacy_audit"]
+    assert passed["passed"] and passed["recall"] == recorded["recall"]
+    off = generate(planted, tmp_path / "off", num_videos=4, attempts=8, reid=str(planted.reid), audit="off")
+    assert off.audit_summary == {"audited": False}
+    with pytest.raises(ValueError, match="audit must be"):
+        SyntheticDatasetWriter(tmp_path / "x", 4, reid=str(planted.reid), audit="maybe")
+
+
 def test_writer_refuses_without_reid_and_marks_unfiltered_datasets(planted, tmp_path):
     with pytest.raises(ValueError, match="no re-ID model, so no privacy filter"):
         SyntheticDatasetWriter(tmp_path / "none", 4)
@@ -211,7 +236,8 @@ def run_generate(world: SimpleNamespace, out: Path, *, devices: int, num_videos:
                     "logger": False, "enable_progress_bar": False, "default_root_dir": str(out.parent / "logs"),
                     "callbacks": [{"class_path": "callbacks.synthetic_writer.SyntheticDatasetWriter", "init_args": {
                         "out": str(out), "num_videos": num_videos, "reid": str(world.reid), "vae": str(world.vae),
-                        "anatomy": str(world.anatomy), "steps": STEPS, "cache_dir": str(world.out / "cache")}}]},
+                        "anatomy": str(world.anatomy), "steps": STEPS, "cache_dir": str(world.out / "cache"),
+                        "audit": "record", "audit_sources": 2}}]},  # rank 0 audits, every rank records
     }
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config))
