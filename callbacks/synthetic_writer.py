@@ -251,13 +251,13 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                                calibration=self.calibration.as_dict())
             summary = {"audited": True, **result.summary(**self.audit_floors)}
         self.audit_summary = summary = trainer.strategy.broadcast(summary, src=0)
-        recall = summary["recall"]
+        missed = ", ".join(f"{name} {entry['recall']:.2f}" for name, entry in summary["recall"].items()
+                           if entry["recall"] < 1)
         rank_zero_info("SyntheticDatasetWriter: privacy audit " + ("passed" if summary["passed"] else "FAILED") +
                        f": least single-transform recall {summary['min_single_recall']:.3f}, combined "
                        f"{summary['combined_recall']:.3f}, held-out false flags "
-                       f"{summary['heldout_false_flags']['flagged']}/{summary['heldout_false_flags']['videos']} ("
-                       + ", ".join(f"{name} {entry['recall']:.2f}" for name, entry in recall.items()
-                                   if entry["recall"] < 1) + ")")
+                       f"{summary['heldout_false_flags']['flagged']}/{summary['heldout_false_flags']['videos']}"
+                       + (f" (below 1: {missed})" if missed else ""))
         if not summary["passed"] and self.audit == "refuse":
             raise RuntimeError("SyntheticDatasetWriter: the privacy filter failed its audit ("
                                + "; ".join(summary["failures"]) + f"): with this re-ID model and τ = {self.tau:.4g} it "

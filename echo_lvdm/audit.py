@@ -186,11 +186,11 @@ def report(summary: dict, args: argparse.Namespace) -> str:
               f"{false_flags['flagged']} of {false_flags['videos']} flagged = {false_flags['rate']:.3f} "
               f"(95 % interval {low:.3f}–{high:.3f}).", ""]
     if promised:
-        lines += [f"τ's promise: at quantile {promised['quantile']} from {promised['calibration_videos']} "
-                  f"calibration videos, a new real video is flagged with probability at most "
-                  f"{promised['mean_at_most']:.3f} on average (nominal {promised['nominal']:.3f}; 90 % interval "
+        lines += [f"τ's promise ({promised['rule']} rule): at quantile {promised['quantile']} from "
+                  f"{promised['calibration_videos']} calibration videos, a new real video is flagged with probability "
+                  f"at most {promised['mean_at_most']:.3f} on average (nominal {promised['nominal']:.3f}; 90 % interval "
                   f"{promised['interval_90'][0]:.3f}–{promised['interval_90'][1]:.3f}) — few calibration videos make "
-                  "τ nearly their maximum and its promise loose.", ""]
+                  "its promise loose.", ""]
     floors = summary["floors"]
     lines += [f"Floors: every single transform ≥ {floors['single']:g}, combined ≥ {floors['combined']:g}, held-out "
               f"false flags ≤ {floors['max_false_flags']:g}.", "", "Per-canary scores: `audit_scores.csv`.", "",

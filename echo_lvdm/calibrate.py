@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout", choices=["VAL", "TEST"], help="split τ is calibrated on (default VAL; TEST for "
                         "--protocol paper)")
     parser.add_argument("--quantile", type=float, help="of τ (default: the re-ID model's, 0.95)")
+    parser.add_argument("--rule", choices=["conformal", "linear"],
+                        help="τ = the ⌈(n+1)q⌉-th smallest held-out score (conformal: a new video exceeds it with "
+                             "probability ≤ 1 − q), or the interpolated quantile (linear, the seed paper's); default "
+                             "conformal, linear for --protocol paper")
     parser.add_argument("--size", type=int, help="resize frames to this before the VAE or a pixel re-ID")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cache-dir", type=Path, help="embedding cache (default: none)")
@@ -58,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
         bank = embed_split(model, real, "train", cache_dir=args.cache_dir)
         queries = embed_split(model, real, heldout, cache_dir=args.cache_dir)
     quantile = args.quantile if args.quantile is not None else float(reid.hparams.quantile)
+    rule = args.rule or ("linear" if args.protocol.strip() == "paper" else "conformal")
     calibration = calibrate(reid, bank, queries, quantile=quantile, protocol=protocol, heldout_name=heldout,
-                            weights_checksum=model.weights_checksum(), data=args.real)
+                            weights_checksum=model.weights_checksum(), data=args.real, rule=rule)
     path = store_calibration(args.reid, calibration)
     log.info("calibrate: τ = %.6g under protocol %s (quantile %g of %d %s videos against %d TRAIN videos) → %s",
              calibration.tau, protocol.name, quantile, len(queries), heldout.upper(), len(bank), path)

@@ -33,6 +33,7 @@ class Calibration:
     bank_videos: int
     weights_checksum: str
     data: str
+    rule: str = "linear"  # how τ sits among the held-out scores (reid_search.privacy_threshold); stored before: linear
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,21 +45,23 @@ class Calibration:
 
 
 def calibrate(reid, bank, heldout, *, quantile: float, protocol: Protocol | str, heldout_name: str,
-              weights_checksum: str, data: str | Path) -> Calibration:
+              weights_checksum: str, data: str | Path, rule: str = "conformal") -> Calibration:
     """τ from ``heldout`` against ``bank`` (:class:`~lightning_modules.reid_embeddings.EmbeddedSplit` of one
     protocol) at ``quantile``, with the head of ``reid`` (:meth:`~lightning_modules.reid.ReIDModule.video_search`).
 
-    Warns when the held-out set is too small for the quantile: with n videos a q-quantile interpolated between the
-    largest scores is close to their maximum once n·(1 − q) < 1, and then promises less than it says.
+    ``rule``: ``"conformal"`` (default) — τ is the ⌈(n + 1)q⌉-th smallest held-out score, so a new real video
+    exceeds it with probability at most 1 − q; ``"linear"`` — the interpolated quantile of the seed paper
+    (:func:`~lightning_modules.reid_search.privacy_threshold`). Warns when the held-out set is too small for the
+    quantile: with n·(1 − q) < 1 τ is (nearly) their maximum, and then promises less than it says.
     """
     values, _ = reid.video_search(heldout.embedding, bank.embedding.to(heldout.embedding))
-    tau = privacy_threshold(values, quantile)
+    tau = privacy_threshold(values, quantile, rule)
     if len(heldout) * (1.0 - quantile) < 1.0 and quantile < 1.0:
         warnings.warn(f"τ at quantile {quantile} from only {len(heldout)} held-out videos is nearly their maximum: "
                       f"{math.ceil(1 / (1 - quantile))} or more make the quantile mean what it says", stacklevel=2)
     return Calibration(tau=tau, protocol=Protocol.parse(protocol).name, quantile=float(quantile),
                        heldout=heldout_name, heldout_videos=len(heldout), bank_videos=len(bank),
-                       weights_checksum=weights_checksum, data=str(Path(data).resolve()))
+                       weights_checksum=weights_checksum, data=str(Path(data).resolve()), rule=rule)
 
 
 def calibrations_path(checkpoint: str | Path) -> Path:
@@ -78,7 +81,7 @@ def store_calibration(checkpoint: str | Path, calibration: Calibration) -> Path:
     """Add ``calibration`` to the checkpoint's calibrations (replacing one for the same protocol, quantile, held-out
     split, weights and data); written atomically."""
     def same(other: Calibration) -> bool:
-        keys = ("protocol", "quantile", "heldout", "weights_checksum", "data")
+        keys = ("protocol", "quantile", "heldout", "weights_checksum", "data", "rule")
         return all(getattr(other, key) == getattr(calibration, key) for key in keys)
 
     entries = [entry for entry in stored_calibrations(checkpoint) if not same(entry)] + [calibration]
@@ -90,13 +93,14 @@ def store_calibration(checkpoint: str | Path, calibration: Calibration) -> Path:
 
 
 def find_calibration(checkpoint: str | Path, *, protocol: Protocol | str, quantile: float, weights_checksum: str,
-                     data: str | Path, heldout: str | None = None) -> Calibration | None:
-    """A stored τ of exactly this protocol, quantile, model and data (and held-out split, when given), or None."""
+                     data: str | Path, heldout: str | None = None, rule: str | None = None) -> Calibration | None:
+    """A stored τ of exactly this protocol, quantile, model and data (and held-out split and rule, when given), or
+    None."""
     name, root = Protocol.parse(protocol).name, str(Path(data).resolve())
     for entry in stored_calibrations(checkpoint):
         if (entry.protocol, entry.quantile, entry.weights_checksum, entry.data) == (name, quantile, weights_checksum,
                                                                                     root) \
-                and heldout in (None, entry.heldout):
+                and heldout in (None, entry.heldout) and rule in (None, entry.rule):
             return entry
     return None
 

@@ -179,7 +179,8 @@ class AuditResult:
         promised = None
         if self.calibration is not None:
             promised = promised_false_flags(int(self.calibration["heldout_videos"]),
-                                            float(self.calibration["quantile"]))
+                                            float(self.calibration["quantile"]),
+                                            self.calibration.get("rule", "linear"))
         failures = []
         if single and min(single) < floor:
             worst = min((entry for entry in recall.values() if entry["kind"] != COMBINED), key=lambda e: e["recall"])
@@ -206,17 +207,20 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def promised_false_flags(n: int, quantile: float, draws: int = 200_000) -> dict[str, Any]:
+def promised_false_flags(n: int, quantile: float, rule: str = "conformal", draws: int = 200_000) -> dict[str, Any]:
     """What a τ at ``quantile`` of ``n`` held-out scores promises for a new real video of the same kind.
 
-    τ interpolates between the k-th and (k+1)-th smallest score, k = ⌊q(n − 1)⌋ + 1; for exchangeable scores the
-    chance that a new one exceeds the k-th is Beta(n + 1 − k, k)-distributed, so that Beta bounds the promised
-    false-flag rate from above: its mean and a 90 % interval (seeded Monte Carlo). With n = 17 and q = 0.95 the mean
-    is 0.11, not 0.05.
+    For exchangeable scores the chance that a new one exceeds the k-th smallest of n is Beta(n + 1 − k, k)-distributed
+    with mean (n + 1 − k)/(n + 1). The conformal τ is the k-th, k = ⌈(n + 1)q⌉; the linear one interpolates above the
+    k-th, k = ⌊q(n − 1)⌋ + 1, so that Beta bounds it from above. Returns the mean and a 90 % interval (seeded Monte
+    Carlo): with n = 18 and q = 0.95 the linear τ promises up to 0.105 on average, not 0.05.
     """
-    k = min(n, math.floor(quantile * (n - 1)) + 1)
+    if rule == "conformal":
+        k = min(n, math.ceil((n + 1) * quantile - 1e-9))
+    else:
+        k = min(n, math.floor(quantile * (n - 1)) + 1)
     samples = np.random.default_rng(0).beta(n + 1 - k, k, size=draws) if n > 0 else np.array([math.nan])
-    return {"calibration_videos": n, "quantile": quantile, "nominal": 1.0 - quantile,
+    return {"calibration_videos": n, "quantile": quantile, "rule": rule, "nominal": 1.0 - quantile,
             "mean_at_most": (n + 1 - k) / (n + 1) if n > 0 else math.nan,
             "interval_90": [float(np.quantile(samples, 0.05)), float(np.quantile(samples, 0.95))]}
 

@@ -37,6 +37,22 @@ class NotCalibratedError(RuntimeError):
     """The model has no privacy threshold τ and so cannot act as a filter."""
 
 
+class NegativeHead(nn.Module):
+    """The pair head ``w · |a − b| + c`` with every ``w = −softplus(v) < 0``: identical embeddings score highest and a
+    score never rises as two embeddings move apart in any dimension, so a copy cannot score below a look-alike of
+    another patient. ``weight`` ``(1, D)`` and ``bias`` ``(1,)`` read like ``nn.Linear``'s."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        # softplus(v) = 1/√D at start: the scale of nn.Linear's initial weights
+        self.raw_weight = nn.Parameter(torch.full((1, dim), math.log(math.expm1(1.0 / math.sqrt(dim)))))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return -F.softplus(self.raw_weight)
+
+
 class ReIDModule(L.LightningModule):
     """Siamese re-identification on single frames: ResNet → 128-d embedding → sigmoid; the head is a linear layer on
     ``|f₁ − f₂|`` giving one logit (the score ``s``); loss BCE-with-logits.
@@ -66,6 +82,10 @@ class ReIDModule(L.LightningModule):
         in_channels: 4 for latents, 1–3 for pixels. layers, block, width, stem, embedding_dim, norm: the
             :class:`~lightning_modules.components.resnet.ResNetEncoder` (default: ResNet-50 with a latent stem and
             GroupNorm, which stays stable with patient-grouped batches where BatchNorm did not).
+        head: ``"linear"`` — the papers' ``nn.Linear`` on ``|f₁ − f₂|``, whose weights take either sign, so two
+            identical frames score only the bias and a different frame can score higher (an exact copy's score is
+            then not the ceiling) —, or ``"negative"``: :class:`NegativeHead`, every weight < 0, so the closer two
+            embeddings, the higher their score.
         layout_grid: ``0`` (off) or ``G``: add to the ResNet's output a linear map of the normalised frame
             average-pooled to ``G × G`` cells. The ResNet ends in global average pooling, which discards *where*
             things are; on the phantom the layout is most of the identity (on a 96-patient phantom the small latent
@@ -99,6 +119,7 @@ class ReIDModule(L.LightningModule):
         embedding_dim: int = 128,
         norm: NormKind = "group",
         normalize: Literal["frame_minmax", "none"] = "frame_minmax",
+        head: Literal["linear", "negative"] = "linear",
         layout_grid: int = 0,
         hard_negatives: float = 0.0,
         lr: float = 1e-4,
@@ -126,7 +147,9 @@ class ReIDModule(L.LightningModule):
         self.encoder = ResNetEncoder(in_channels, layers=tuple(layers), block=block, width=width, stem=stem,
                                      embedding_dim=embedding_dim, norm=norm)
         self.layout = nn.Linear(in_channels * layout_grid**2, embedding_dim) if layout_grid else None
-        self.head = nn.Linear(embedding_dim, 1)
+        if head not in ("linear", "negative"):
+            raise ValueError(f"head must be 'linear' or 'negative', got {head!r}")
+        self.head = nn.Linear(embedding_dim, 1) if head == "linear" else NegativeHead(embedding_dim)
         self.register_buffer("tau", torch.tensor(math.nan, dtype=torch.float64))
         self.register_buffer("tau_quantile", torch.tensor(math.nan, dtype=torch.float64))
         self.tau_protocol: str | None = None  # the protocol τ was calibrated under; in the checkpoint

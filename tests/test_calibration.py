@@ -18,7 +18,7 @@ from echo_lvdm.main import main
 from lightning_modules.calibration import calibrate, calibrations_path, find_calibration, stored_calibrations
 from lightning_modules.protocols import Protocol
 from lightning_modules.reid_embeddings import embed_split
-from tests.helpers.models import distance_reid, save_cli_checkpoint
+from tests.helpers.models import conformal_quantile, distance_reid, save_cli_checkpoint
 
 PROTOCOLS = ["first_frame", "frames:3", "clip:8", "clip:8/p2", "clip:6@25fps"]
 
@@ -61,8 +61,10 @@ def test_held_out_videos_scored_as_samples_are_memorised_at_about_one_minus_q(he
     assert 0.02 <= rate <= 0.10, f"{protocol.name}: {rate:.3f} of 600 held-out videos above τ"
 
 
-def brute_force_tau(reid, root: Path, protocol: Protocol, split: str, quantile: float) -> float:
-    """Each held-out video's best logit over all its frames × every frame of every training video, then numpy."""
+def brute_force_tau(reid, root: Path, protocol: Protocol, split: str, quantile: float,
+                    rule: str = "conformal") -> float:
+    """Each held-out video's best logit over all its frames × every frame of every training video, then the
+    ⌈(n + 1)q⌉-th smallest (conformal), or numpy's interpolated quantile (linear: the seed paper's)."""
     data = EchoNetDataModule(root, batch_size=64, **protocol.data_options())
     data.setup("fit")
     data.setup("test")
@@ -71,7 +73,7 @@ def brute_force_tau(reid, root: Path, protocol: Protocol, split: str, quantile: 
         queries = torch.cat([reid.embed_videos(b["video"]) for b in data.eval_dataloader(split)]).double()
     weight, bias = reid.head.weight.detach().double().reshape(-1), float(reid.head.bias)
     best = [float(((video[:, None] - bank[None]).abs() @ weight).max()) + bias for video in queries]
-    return float(np.quantile(best, quantile))
+    return conformal_quantile(best, quantile) if rule == "conformal" else float(np.quantile(best, quantile))
 
 
 def test_calibrate_command_equals_a_brute_force_oracle_and_stores_tau_per_protocol(tmp_path):
@@ -87,7 +89,8 @@ def test_calibrate_command_equals_a_brute_force_oracle_and_stores_tau_per_protoc
         ("first_frame", "val"), ("frames:3", "val"), ("clip:8/p2", "val"), ("first_frame", "test")]
     for entry in entries:
         protocol = Protocol.parse(entry.protocol)
-        expected = brute_force_tau(reid, root, protocol, entry.heldout, 0.9)
+        expected = brute_force_tau(reid, root, protocol, entry.heldout, 0.9, entry.rule)
+        assert entry.rule == ("linear" if entry.heldout == "test" else "conformal")  # `paper`: the seed paper's
         assert entry.tau == pytest.approx(expected, abs=1e-5), entry
         assert (entry.quantile, entry.heldout_videos, entry.bank_videos) == (0.9, 10, 20)
     # Found by what it was calibrated for, and only that; calibrating again replaces the entry.

@@ -29,7 +29,7 @@ from lightning_modules.protocols import ProtocolMismatchError
 from lightning_modules.reid import ReIDModule
 from tests.helpers.cli import REPO
 from tests.helpers.data import encode_tiny_latents
-from tests.helpers.models import TINY_DIFFUSION, TINY_EF, distance_reid, save_cli_checkpoint
+from tests.helpers.models import TINY_DIFFUSION, TINY_EF, conformal_quantile, distance_reid, save_cli_checkpoint
 
 FRAMES, LATENT, STEPS = 4, 8, 2
 
@@ -151,7 +151,7 @@ def synthetic_oracle(world, num_samples: int, *, first_frame: bool = False, writ
     fake = oracle.embed(as_written(world, synthetic) if written else synthetic)
     fake_score, fake_match = oracle.best(fake)
     real_score, real_match = oracle.best(heldout)
-    tau = float(np.quantile(real_score, 0.95))
+    tau = conformal_quantile(real_score, 0.95)
     bank, n = len(oracle.bank), len(fake)
     coverage, reference = coverage_of(fake_match, bank), coverage_of(real_match, bank)
     equal = min(n, len(real_match))
@@ -181,7 +181,7 @@ def identity_oracle(world, num_samples: int) -> dict[str, float]:
     synthetic = world.diffusion.sample(ef=ef, reference=real[:, 0], num_frames=FRAMES, steps=STEPS,
                                        generator=[torch.Generator().manual_seed(int(i)) for i in index])
     fake = oracle.embed(synthetic)
-    tau = float(np.quantile(oracle.best(source)[0], 0.95))
+    tau = conformal_quantile(oracle.best(source)[0], 0.95)
     identity = oracle.pair(fake, source[index])
     return {"identity_score": float(identity.mean()), "identity_above_tau": float((identity > tau).mean()),
             "tau": tau, "fd_reid": distribution(oracle, fake)["fd_reid"], "temporal_consistency": temporal(oracle, fake),

@@ -214,3 +214,32 @@ def test_inspect_latent_space_and_export_vae_commands(small_phantom, vae, tmp_pa
         torch.testing.assert_close(exported.encode(frames).latent_dist.mean, vae.encode_frames(frames)[0], atol=1e-5,
                                    rtol=1e-5)
     assert main(["export-vae", "--checkpoint", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x")]) == 1
+
+
+def test_the_cli_stamps_entries_with_the_vae_its_ckpt_path_loads(small_phantom, tmp_path):
+    """`predict --ckpt_path` loads the weights after the callbacks' setup, where the cache is checked: the entries must
+    carry the checksum of the checkpoint's VAE (not of the freshly built one), be left alone when re-encoding with it,
+    and be re-encoded for another trained VAE."""
+    from echo_lvdm.main import main
+
+    cache = tmp_path / "latents"
+    checkpoints, checksums = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        module = VAEModule(**TINY_VAE)
+        checkpoints.append(save_cli_checkpoint(module, tmp_path / f"vae{seed}.ckpt"))
+        checksums.append(checksum_of_weights(module))
+
+    def encode_with(checkpoint: Path) -> dict[str, tuple[str, int]]:
+        main(["predict", "--config", str(REPO / "configs/vae_encode.yaml"), "--data.root", str(small_phantom),
+              "--data.latent_dir", str(cache), "--data.num_workers", "0", "--trainer.accelerator", "cpu",
+              "--trainer.default_root_dir", str(tmp_path / "logs"), "--trainer.enable_progress_bar", "false",
+              "--ckpt_path", str(checkpoint)])
+        return {path.name: (read_meta(path).vae_checksum, path.stat().st_mtime_ns) for path in cache.glob("*.safetensors")}
+
+    first = encode_with(checkpoints[0])
+    assert len(first) == len(all_names(small_phantom)) and {c for c, _ in first.values()} == {checksums[0]}
+    assert encode_with(checkpoints[0]) == first  # up to date: not one entry rewritten
+    other = encode_with(checkpoints[1])
+    assert {c for c, _ in other.values()} == {checksums[1]}
+    assert all(other[name][1] != first[name][1] for name in first)

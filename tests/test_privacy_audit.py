@@ -177,3 +177,24 @@ def test_augmented_positives_are_transformed_pixel_frames_encoded_by_the_cache_v
     plain = ReIDModule(**{**TINY_REID, "in_channels": 4})
     with pytest.raises(ValueError, match="set model.augment_vae"):
         plain.augmented_views(item["augmented"][None])
+
+
+def test_a_negative_head_scores_copies_at_the_ceiling_and_searches_exactly():
+    from lightning_modules import ReIDModule
+    from tests.helpers.models import TINY_REID
+
+    torch.manual_seed(0)
+    model = ReIDModule(**TINY_REID, head="negative")
+    with torch.no_grad():
+        model.head.raw_weight.normal_()
+    assert bool((model.head.weight < 0).all())
+    queries, bank = torch.rand(5, 16), torch.rand(40, 16)
+    bank[7] = queries[2]
+    values, rows = model.search(queries, bank)
+    brute = torch.stack([torch.stack([model.score(q[None], b[None])[0] for b in bank]) for q in queries])
+    assert torch.allclose(values, brute.max(dim=1).values, atol=1e-5) and torch.equal(rows, brute.argmax(dim=1))
+    # An identical embedding is the best match and scores the bias: nothing scores above a copy.
+    assert int(rows[2]) == 7 and float(values[2]) == pytest.approx(float(model.head.bias), abs=1e-6)
+    assert float(brute.max()) <= float(model.head.bias) + 1e-6
+    with pytest.raises(ValueError, match="head must be"):
+        ReIDModule(**TINY_REID, head="cosine")

@@ -53,3 +53,11 @@ def save_cli_checkpoint(module, path: Path) -> Path:
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
     return Path(path)
+
+
+def conformal_quantile(values, quantile: float) -> float:
+    """The ⌈(n + 1)·q⌉-th smallest of n values (capped at n): the conformal τ, computed the plain way."""
+    import math
+
+    ordered = sorted(float(v) for v in values)
+    return ordered[min(len(ordered), math.ceil((len(ordered) + 1) * quantile - 1e-9)) - 1]
