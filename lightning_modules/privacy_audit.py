@@ -187,9 +187,11 @@ class AuditResult:
             failures.append(f"recall {worst['recall']:.2f} < {floor:g} for {worst['kind']} {worst['magnitude']}")
         if combined and min(combined) < combined_floor:
             failures.append(f"combined recall {min(combined):.2f} < {combined_floor:g}")
+        recall_passed = not failures  # the privacy question: are near-copies caught?
         if len(heldout) and false_flags["rate"] > max_false_flags:
             failures.append(f"held-out false flags {false_flags['rate']:.2f} > {max_false_flags:g}")
-        return {"passed": not failures, "failures": failures, "tau": self.tau, "protocol": self.protocol,
+        return {"passed": not failures, "recall_passed": recall_passed, "failures": failures, "tau": self.tau,
+                "protocol": self.protocol,
                 "calibration": self.calibration, "sources": self.sources, "canaries": len(self.canaries),
                 "min_single_recall": min(single) if single else None,
                 "combined_recall": min(combined) if combined else None,
