@@ -65,9 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from lightning_modules.calibration import filter_bank
     from lightning_modules.privacy_audit import run_audit
     from lightning_modules.protocols import Protocol
-    from lightning_modules.reid import load_reid
-    from lightning_modules.reid_embeddings import EncodedReID
-    from lightning_modules.vae_utils import load_frozen_vae
+    from lightning_modules.reid import load_reid_encoder
 
     protocol = Protocol.parse(args.protocol)
     if protocol.kind != "clip":
@@ -76,13 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.heldout == args.tau_heldout:
         raise ValueError(f"audit: --heldout {args.heldout} also calibrates τ; false flags must be counted on videos "
                          "that did not set τ (give --tau-heldout the other split)")
-    reid = load_reid(args.reid, map_location=args.device)
-    latent = reid.hparams.in_channels == 4
-    if latent and args.vae is None:
-        raise ValueError("audit: the re-ID model works in latent space; give --vae <exported VAE folder>")
-    vae = load_frozen_vae(args.vae).to(args.device) if latent else None
-    encoder = EncodedReID(reid, vae)
-    channels = int(vae.config.in_channels) if latent else int(reid.hparams.in_channels)
+    reid, encoder, channels = load_reid_encoder(args.reid, args.vae, device=args.device, command="audit")
     real = EchoNetDataModule(args.real, pad="reflect", channels=channels, size=args.size, batch_size=args.batch_size,
                              num_workers=0, **protocol.data_options())
     real.setup("fit")

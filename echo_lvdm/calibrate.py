@@ -43,19 +43,12 @@ def run(args: argparse.Namespace) -> int:
     from datamodules import EchoNetDataModule
     from lightning_modules.calibration import calibrate, store_calibration
     from lightning_modules.protocols import Protocol
-    from lightning_modules.reid import load_reid
-    from lightning_modules.reid_embeddings import EncodedReID, embed_split
-    from lightning_modules.vae_utils import load_frozen_vae
+    from lightning_modules.reid import load_reid_encoder
+    from lightning_modules.reid_embeddings import embed_split
 
     protocol = Protocol.parse(args.protocol)
     heldout = (args.heldout or ("TEST" if args.protocol.strip() == "paper" else "VAL")).lower()
-    reid = load_reid(args.reid, map_location=args.device)
-    latent = reid.hparams.in_channels == 4
-    if latent and args.vae is None:
-        raise ValueError("calibrate: the re-ID model works in latent space; give --vae <exported VAE folder>")
-    vae = load_frozen_vae(args.vae).to(args.device) if latent else None
-    model = EncodedReID(reid, vae)
-    channels = int(vae.config.in_channels) if latent else int(reid.hparams.in_channels)
+    reid, model, channels = load_reid_encoder(args.reid, args.vae, device=args.device, command="calibrate")
     real = EchoNetDataModule(args.real, pad="reflect", channels=channels, size=args.size, batch_size=args.batch_size,
                              num_workers=0, **protocol.data_options())
     with torch.no_grad():

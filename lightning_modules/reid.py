@@ -16,7 +16,7 @@ from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 from lightning_modules.metrics import IndexedCat
 from lightning_modules.protocols import Protocol
 from lightning_modules.components.resnet import BlockKind, NormKind, ResNetEncoder, StemKind
-from lightning_modules.reid_embeddings import EmbeddedSplit, embed_split
+from lightning_modules.reid_embeddings import EmbeddedSplit, EncodedReID, embed_split
 from lightning_modules.reid_search import (
     CROSS_VIDEO,
     NEGATIVE,
@@ -401,3 +401,18 @@ def load_reid(checkpoint: str | Path, map_location: str | torch.device = "cpu") 
     """A trained :class:`ReIDModule` from a Lightning checkpoint, read with ``weights_only=True``, in eval mode."""
     module = ReIDModule.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True)
     return module.eval().requires_grad_(False)
+
+
+def load_reid_encoder(checkpoint: str | Path, vae: str | Path | None, *, device: str | torch.device = "cpu",
+                      command: str = "echo-lvdm") -> tuple[ReIDModule, EncodedReID, int]:
+    """A trained re-ID model, what embeds pixel videos for it (through the exported VAE ``vae`` when it works in
+    latent space; refused without one) and the pixel channels it reads: ``(reid, encoder, channels)``."""
+    from lightning_modules.vae_utils import load_frozen_vae
+
+    reid = load_reid(checkpoint, map_location=device)
+    latent = reid.hparams.in_channels == 4
+    if latent and vae is None:
+        raise ValueError(f"{command}: the re-ID model works in latent space; give --vae <exported VAE folder>")
+    network = load_frozen_vae(vae).to(device) if latent else None
+    channels = int(network.config.in_channels) if latent else int(reid.hparams.in_channels)
+    return reid, EncodedReID(reid, network), channels
