@@ -311,3 +311,24 @@ def canary_start(num_frames: int, length: int, step: float, seed: int, number: i
 def protocol_step(protocol: Protocol, source_fps: float) -> float:
     """Source frames between two compared frames under a clip protocol."""
     return source_fps / protocol.fps if protocol.fps is not None else float(protocol.period)
+
+
+def audit_filter(encoder, reid, bank, calibration, protocol: Protocol, real, *, sources: int,
+                 floors: dict[str, float]) -> dict[str, Any]:
+    """The synthetic writer's audit of its own filter: canaries of ``sources`` TRAIN videos of ``real`` (the
+    DataModule its bank was embedded from) and false flags on its TEST videos unless they calibrated τ. Returns the
+    summary recorded in ``dataset.json``."""
+    import warnings
+
+    heldout = ()
+    if "test" not in calibration.heldout.split("+"):  # false flags on real videos that did not calibrate τ
+        try:
+            real.setup("test")
+            heldout = real.datasets["test"].records
+        except ValueError:
+            warnings.warn("privacy audit: the real data has no TEST split; no false flags are counted", stacklevel=2)
+    size = real.hparams.size
+    result = run_audit(encoder, reid, bank, calibration.tau, protocol, real.datasets["train"].records,
+                       heldout_records=heldout, sources=sources, size=(size, size) if isinstance(size, int) else size,
+                       calibration=calibration.as_dict())
+    return {"audited": True, **result.summary(**floors)}

@@ -15,6 +15,7 @@ from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 
 from lightning_modules.metrics import IndexedCat
 from lightning_modules.protocols import Protocol
+from lightning_modules.components.pair_head import NegativeHead
 from lightning_modules.components.resnet import BlockKind, NormKind, ResNetEncoder, StemKind
 from lightning_modules.reid_embeddings import EmbeddedSplit, EncodedReID, embed_split
 from lightning_modules.reid_search import (
@@ -35,22 +36,6 @@ EVAL_STAGES = ("val", "test")
 
 class NotCalibratedError(RuntimeError):
     """The model has no privacy threshold τ and so cannot act as a filter."""
-
-
-class NegativeHead(nn.Module):
-    """The pair head ``w · |a − b| + c`` with every ``w = −softplus(v) < 0``: identical embeddings score highest and a
-    score never rises as two embeddings move apart in any dimension, so a copy cannot score below a look-alike of
-    another patient. ``weight`` ``(1, D)`` and ``bias`` ``(1,)`` read like ``nn.Linear``'s."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        # softplus(v) = 1/√D at start: the scale of nn.Linear's initial weights
-        self.raw_weight = nn.Parameter(torch.full((1, dim), math.log(math.expm1(1.0 / math.sqrt(dim)))))
-        self.bias = nn.Parameter(torch.zeros(1))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return -F.softplus(self.raw_weight)
 
 
 class ReIDModule(L.LightningModule):
