@@ -196,9 +196,8 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         period or fps, as written videos are scored — and τ of that protocol: stored beside the re-ID checkpoint for
         this data (``echo-lvdm calibrate``), else calibrated here on the real validation split."""
         from datamodules.datamodule import EchoNetDataModule
-        from lightning_modules.calibration import calibrate, find_calibration
+        from lightning_modules.calibration import filter_bank
         from lightning_modules.protocols import Protocol
-        from lightning_modules.reid_embeddings import embed_split
 
         hp = datamodule.hparams
         self.protocol = Protocol("clip", self.num_frames, 1 if hp.fps is not None else hp.period, hp.fps)
@@ -208,15 +207,8 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                                  eval_seed=hp.eval_seed, **self.protocol.data_options())
         cache = Path(self.cache_dir) if self.cache_dir is not None else Path(trainer.default_root_dir) / "reid_cache"
         self.real = real
-        bank = embed_split(self.encoder, real, "train", cache_dir=cache)
-        quantile, weights = float(self.reid.hparams.quantile), self.encoder.weights_checksum()
-        data = datamodule.root_for("train")
-        self.calibration = find_calibration(self.reid_path, protocol=self.protocol, quantile=quantile,
-                                            weights_checksum=weights, data=data)
-        if self.calibration is None:
-            heldout = embed_split(self.encoder, real, "val", cache_dir=cache)
-            self.calibration = calibrate(self.reid, bank, heldout, quantile=quantile, protocol=self.protocol,
-                                         heldout_name="val", weights_checksum=weights, data=data)
+        bank, self.calibration, _ = filter_bank(self.encoder, self.reid, self.reid_path, real, self.protocol,
+                                                cache_dir=cache)
         self.tau = self.calibration.holds_for(self.protocol, "the privacy filter's τ")
         rank_zero_info(f"SyntheticDatasetWriter: {len(bank)} training videos embedded as the privacy bank; protocol "
                        f"{self.protocol.name}, τ = {self.tau:.4g} from {self.calibration.heldout_videos} "

@@ -61,27 +61,10 @@ def protocol_of(args: argparse.Namespace):
     return Protocol("clip", args.clip_length, 1 if args.fps is not None else args.period, args.fps)
 
 
-def resolve_tau(args: argparse.Namespace, model, reid, real, bank, protocol, cache: Path):
-    """τ of ``protocol``: stored beside the re-ID checkpoint for this data (``echo-lvdm calibrate``), else calibrated
-    here from ``--tau-heldout``. Returns ``(calibration, source)``."""
-    from lightning_modules.calibration import calibrate, calibrations_path, find_calibration
-    from lightning_modules.reid_embeddings import embed_split
-
-    quantile = args.quantile if args.quantile is not None else float(reid.hparams.quantile)
-    stored = find_calibration(args.reid, protocol=protocol, quantile=quantile, weights_checksum=model.weights_checksum(),
-                              data=args.real)
-    if stored is not None:
-        return stored, f"stored in {calibrations_path(args.reid).name} ({stored.heldout}, {stored.heldout_videos} videos)"
-    split = args.tau_heldout.lower()
-    heldout = embed_split(model, real, split, cache_dir=cache)
-    calibration = calibrate(reid, bank, heldout, quantile=quantile, protocol=protocol, heldout_name=split,
-                            weights_checksum=model.weights_checksum(), data=args.real)
-    return calibration, f"calibrated here on the {len(heldout)} {args.tau_heldout} videos"
-
-
 def run(args: argparse.Namespace) -> int:
     from callbacks.coverage_measures import CoverageMeasures
     from datamodules import EchoNetDataModule
+    from lightning_modules.calibration import filter_bank
     from lightning_modules.reid import load_reid
     from lightning_modules.reid_embeddings import EncodedReID, embed_split
     from lightning_modules.vae_utils import load_frozen_vae
@@ -107,9 +90,10 @@ def run(args: argparse.Namespace) -> int:
     real = EchoNetDataModule(args.real, **common, **protocol.data_options())
     synthetic = EchoNetDataModule(args.synthetic, predict_split="all", **common, **protocol.data_options())
     cache = args.cache_dir or args.out / "reid_cache"
-    bank = embed_split(model, real, "train", cache_dir=cache)
+    # τ stored beside the re-ID checkpoint for this protocol and data (`echo-lvdm calibrate`), else calibrated here
+    bank, calibration, source = filter_bank(model, reid, args.reid, real, protocol, cache_dir=cache,
+                                            quantile=args.quantile, heldout=args.tau_heldout.lower())
     heldout = embed_split(model, real, args.heldout.lower(), cache_dir=cache)
-    calibration, source = resolve_tau(args, model, reid, real, bank, protocol, cache)
     log.info("evaluate: protocol %s; bank %d training videos, reference %d %s videos; τ = %.4g, %s", protocol.name,
              len(bank), len(heldout), args.heldout, calibration.tau, source)
 
