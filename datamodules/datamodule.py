@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
 from datamodules.clips import PAD_MODES, PadMode
@@ -19,10 +20,11 @@ from datamodules.filelist import (
     list_bad,
     read_split,
     report_bad,
+    report_corrected,
 )
 from datamodules.latents import ENCODE_COMMAND, EchoNetLatentDataset, cached_records
 from datamodules.requests import GenerationRequests, RequestDataset, padded_length
-from datamodules.sampler import EpochSampler
+from datamodules.sampler import EpochSampler, ResumableLoader, global_seed, resume_position
 
 Split = Literal["train", "val", "test"]
 NO_ROOT = ("EchoNetDataModule: no dataset folder. Give --data.root DIR (or data.train_root / val_root / test_root), "
@@ -50,8 +52,10 @@ class EchoNetDataModule(L.LightningDataModule):
         channels: 1 = grayscale (RGB videos converted by luma), 3 = RGB. ``size``: resize frames to this (int or
             (H, W)) with antialiased bilinear interpolation; None keeps the file's size.
         on_bad: ``"error"`` reports every broken entry in one error at ``setup()``; ``"skip"`` drops them with one
-            counted warning. ``verify``: ``"open"`` decodes each video's first frame at setup, ``"decode"`` all of
-            it (slow, exact frame counts), ``"none"`` trusts the FileList.
+            counted warning. ``verify``: ``"count"`` (default) counts each video's frames at setup without decoding
+            them — a file cut short is a broken entry, and a ``NumberOfFrames`` that is not the video's length is
+            corrected, with one warning; ``"decode"`` also decodes every frame (slow); ``"open"`` decodes the first
+            frame and trusts ``NumberOfFrames``; ``"none"`` trusts the FileList. See :func:`~datamodules.filelist.read_split`.
         eval_seed: fixes val/test/predict clip positions. ``eval_start``: ``"first"`` starts every val/test/predict clip
             at the video's first frame (``clip_length: 1`` then serves each video's first frame), ``"random"`` at a
             position fixed by ``eval_seed``.
@@ -88,7 +92,7 @@ class EchoNetDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         on_bad: OnBad = "error",
-        verify: Verify = "open",
+        verify: Verify = "count",
         eval_seed: int = 0,
         eval_start: Literal["random", "first"] = "random",
         seed: int | None = None,
@@ -127,6 +131,7 @@ class EchoNetDataModule(L.LightningDataModule):
         self.roots = {split: Path(path) if path is not None else None for split, path in roots.items()}
         self.datasets: dict[str, EchoNetVideoDataset] = {}
         self.skipped: dict[str, list[BadEntry]] = {}
+        self.corrected: dict[str, list] = {}
 
     def root_for(self, split: Split) -> Path:
         root = self.roots[split]
@@ -139,6 +144,7 @@ class EchoNetDataModule(L.LightningDataModule):
         # In latent space the videos are not decoded: lengths and frame rates come from the cache.
         table = read_split(self.root_for(split), split, verify=hp.verify if hp.space == "pixel" else "none")
         self.skipped[split] = table.skipped
+        self.corrected[split] = table.corrected
         if not table.records and not table.skipped:
             if allow_empty:
                 return None
@@ -182,6 +188,7 @@ class EchoNetDataModule(L.LightningDataModule):
         bad = [entry for split in wanted for entry in self.skipped[split]]
         total = sum(len(dataset) for dataset in built.values()) + len(bad)
         report_bad(bad, self.hparams.on_bad, total=total)
+        report_corrected([entry for split in wanted for entry in self.corrected.get(split, [])])
         for split, dataset in built.items():
             if len(dataset) == 0:
                 raise DataValidationError(f"{self.root_for(split) / 'FileList.csv'}: every {split} row was skipped")
@@ -198,7 +205,11 @@ class EchoNetDataModule(L.LightningDataModule):
         if train:  # training keys carry (seed, epoch): order and clips survive resumes; evaluation is plain in-order
             groups = dataset.patient_ids if self.hparams.group_by_patient else None
             sampler = EpochSampler(len(dataset), seed=self.hparams.seed, groups=groups)
-        return DataLoader(
+            if self._resume is not None:  # the first training loader of a resumed fit
+                self._check_resume_order()
+                sampler.resume(self._resume["epoch"], self._resume["batches"] * self.hparams.batch_size)
+                self._resume = None
+        return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
@@ -206,6 +217,36 @@ class EchoNetDataModule(L.LightningDataModule):
             pin_memory=self.hparams.pin_memory,
             persistent_workers=workers > 0,
         )
+
+    _resume: dict | None = None
+
+    def state_dict(self) -> dict:
+        """Where training is, saved in every checkpoint: the epoch, its batches already trained, and what they mean
+        (the order's seed, batch size, rank count and training videos). A fit resumed from the checkpoint starts its
+        sampler there (:mod:`datamodules.sampler`)."""
+        if self.trainer is None or "train" not in self.datasets:
+            return {}
+        epoch, batches = resume_position(self.trainer)
+        return {"epoch": epoch, "batches": batches, **self._order()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state) if "epoch" in state else None
+
+    def _order(self) -> dict:
+        seed = self.hparams.seed if self.hparams.seed is not None else global_seed()
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        return {"seed": seed, "batch_size": self.hparams.batch_size, "world_size": world_size,
+                "videos": len(self.datasets["train"])}
+
+    def _check_resume_order(self) -> None:
+        if not self._resume["batches"]:
+            return  # a new epoch: any seed, batch size or rank count starts it cleanly
+        changed = [f"{key} {self._resume[key]} → {now}" for key, now in self._order().items()
+                   if key in self._resume and self._resume[key] != now]
+        if changed:
+            rank_zero_warn(f"resumed inside epoch {self._resume['epoch']} with a different training order "
+                           f"({', '.join(changed)}): the rest of that epoch is not what the interrupted run would have "
+                           "trained")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

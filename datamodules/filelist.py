@@ -17,17 +17,18 @@ from typing import Literal
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from datamodules.video_io import VideoReadError, probe_video
+from datamodules.errors import UserInputError
+from datamodules.video_io import VideoReadError, count_frames, probe_video
 
 OnBad = Literal["error", "skip"]
-Verify = Literal["none", "open", "decode"]
+Verify = Literal["none", "open", "count", "decode"]
 SPLITS = ("TRAIN", "VAL", "TEST")
 _SPLIT_ALIASES = {"VALIDATION": "VAL", "VALID": "VAL", "TESTING": "TEST", "TRAINING": "TRAIN"}
 REQUIRED_COLUMNS = ("FileName", "EF", "Split")
 _MAX_LISTED = 25
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserInputError):
     """A FileList or its videos have entries that cannot be used; the message lists each with file and line."""
 
 
@@ -59,14 +60,30 @@ class BadEntry:
         return f"{self.filelist}, {where}{name}: {self.problem}"
 
 
+@dataclass(frozen=True)
+class CorrectedLength:
+    """A row whose ``NumberOfFrames`` is not its video's length; the record carries the video's."""
+
+    filelist: Path
+    line: int
+    file_name: str
+    listed: int
+    frames: int
+
+    def __str__(self) -> str:
+        return (f"{self.filelist}, line {self.line} (FileName={self.file_name}): NumberOfFrames {self.listed}, the "
+                f"video has {self.frames}")
+
+
 @dataclass
 class SplitTable:
-    """The checked rows of one split of one dataset folder, plus what was skipped."""
+    """The checked rows of one split of one dataset folder, plus what was skipped and which lengths were corrected."""
 
     root: Path
     split: str
     records: list[VideoRecord]
     skipped: list[BadEntry] = field(default_factory=list)
+    corrected: list[CorrectedLength] = field(default_factory=list)
 
 
 def normalize_split(value: str) -> str:
@@ -92,14 +109,22 @@ def read_split(
     root: str | Path,
     split: str,
     *,
-    verify: Verify = "open",
+    verify: Verify = "count",
     verify_workers: int = 4,
 ) -> SplitTable:
     """Check the rows of ``split`` in ``root/FileList.csv``: usable ones become records, the rest ``skipped``.
 
     Checks per row: FileName present and unique in the file; EF a finite number in [0, 100]; FPS (when the column
-    exists) positive; the video exists under ``root/Videos``; and, by ``verify``: ``"open"`` decodes the first frame,
-    ``"decode"`` decodes every frame and takes the decoded count as the length, ``"none"`` trusts the FileList.
+    exists) positive; the video exists under ``root/Videos``; and, by ``verify``:
+
+    * ``"count"`` (default): counts the video's packets without decoding (but the first frame) — a file cut short,
+      fewer frames than its header records or a damaged last frame, is a bad entry, and the count is the length;
+    * ``"decode"``: the same, then decodes every frame, and a video whose frames do not all decode is a bad entry;
+    * ``"open"``: decodes the first frame and trusts ``NumberOfFrames`` (a truncated file passes);
+    * ``"none"``: trusts the FileList.
+
+    Where the length is measured (``count``, ``decode``) a ``NumberOfFrames`` that differs from it is corrected and
+    listed in ``corrected`` (EchoNet-Synthetic's released writer records its batch size there).
     Split labels match in any case. Extra columns are ignored. A missing FileList or required column always raises;
     broken rows are returned, and the caller reports them with :func:`report_bad`.
     """
@@ -155,43 +180,65 @@ def read_split(
         n = int(frames) if frames is not None and frames >= 1 else None
         candidates.append((line, name, float(ef), patient, fps, n))
 
-    def probe(candidate):
+    def probe(candidate) -> tuple[int | None, float | None, BadEntry | None]:
+        """(length, fps, problem) of a candidate's video, as ``verify`` asks; None where not measured."""
         line, name, _, _, _, frames = candidate
-        if verify == "none":
-            return None, None
+        path = video_path(root, name)
         try:
-            # Without a NumberOfFrames column the length has to come from decoding: headers lie.
-            return probe_video(video_path(root, name), decode=verify == "decode" or frames is None), None
+            if verify == "none":
+                return None, None, None
+            if verify == "open":
+                # Without a NumberOfFrames column the length has to come from decoding: headers lie.
+                info = probe_video(path, decode=frames is None)
+                return (info.num_frames if frames is None else None), info.fps, None
+            count = count_frames(path)
+            if count.problem():
+                return None, None, BadEntry(filelist, line, name, "truncated video", count.problem())
+            if verify == "decode":
+                decoded = probe_video(path, decode=True).num_frames
+                if decoded < count.frames:
+                    problem = f"only {decoded} of its {count.frames} frames decode"
+                    return None, None, BadEntry(filelist, line, name, "undecodable video", problem)
+            return count.frames, count.fps, None
         except VideoReadError as err:
-            return None, BadEntry(filelist, line, name, "undecodable video", f"undecodable video ({err})")
+            return None, None, BadEntry(filelist, line, name, "undecodable video", f"undecodable video ({err})")
 
     with ThreadPoolExecutor(max_workers=max(1, verify_workers)) as pool:
         probes = list(pool.map(probe, candidates))
 
-    records = []
-    for (line, name, ef, patient, fps, frames), (info, problem) in zip(candidates, probes, strict=True):
+    records, corrected = [], []
+    for (line, name, ef, patient, fps, listed), (length, measured_fps, problem) in zip(candidates, probes, strict=True):
         if problem:
             bad.append(problem)
             continue
-        if info is not None:
-            fps = fps or info.fps
-            if verify == "decode" or frames is None:
-                frames = info.num_frames
+        fps = fps or measured_fps
+        frames = length if length is not None else listed
+        if length is not None and listed is not None and length != listed:
+            corrected.append(CorrectedLength(filelist, line, name, listed, length))
         if not frames or not fps:
             # Without a verified length or frame rate there is no way to plan clips: say so rather than guess.
-            problem = "unknown NumberOfFrames/FPS (add the columns or use verify='decode')"
+            problem = "unknown NumberOfFrames/FPS (add the columns or use verify='count')"
             bad.append(BadEntry(filelist, line, name, "unknown length", problem))
             continue
         records.append(VideoRecord(line, name, video_path(root, name), ef, split, patient, float(fps), int(frames)))
 
     bad.sort(key=lambda entry: entry.line or 0)
-    return SplitTable(root, split, records, bad)
+    return SplitTable(root, split, records, bad, corrected)
 
 
 def list_bad(bad: list[BadEntry]) -> str:
     """One indented line per entry (the first 25, then a count)."""
     listed = "\n".join(f"  {entry}" for entry in bad[:_MAX_LISTED])
     return listed + (f"\n  … and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else "")
+
+
+def report_corrected(corrected: list[CorrectedLength]) -> None:
+    """One warning counting the rows served at their video's length instead of their ``NumberOfFrames``."""
+    if corrected:
+        listed = "\n".join(f"  {entry}" for entry in corrected[:_MAX_LISTED])
+        more = f"\n  … and {len(corrected) - _MAX_LISTED} more" if len(corrected) > _MAX_LISTED else ""
+        rank_zero_warn(f"{len(corrected)} FileList row(s) give a NumberOfFrames their video does not have; each "
+                       f"video is served at its own length:\n{listed}{more}")
 
 
 def report_bad(bad: list[BadEntry], on_bad: OnBad, *, total: int) -> None:

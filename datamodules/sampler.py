@@ -5,6 +5,14 @@ Lightning does not checkpoint RNG state, so a loader driven by the global RNG re
 bare indices; the dataset derives the clip start / frame choice from the key. Lightning calls ``set_epoch`` on it each
 epoch, so a resumed run and a run with more workers see the same items.
 
+A fit resumed from a checkpoint starts where the checkpoint left off: the DataModule saves :func:`resume_position` (the
+epoch and the batches of it already trained) in every checkpoint, and on resume :meth:`EpochSampler.resume` makes the
+sampler yield the rest of that epoch. The sampler must know this before the DataLoader iterator exists: workers
+prefetch indices when the iterator is created, which a resumed Lightning fit does once, before ``set_epoch`` — and a
+module whose ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` makes Lightning build the loader
+before the loops' counters are restored, so the counters cannot be read then; the DataModule's state is restored
+earlier.
+
 Under DDP the sampler shards the epoch's order itself — rank r takes items r, r + W, … — and is a
 ``DistributedSampler``, so Lightning does not wrap it: Lightning's wrapper reshuffles a custom sampler's output on
 every rank, which would break both the patient grouping and the rule that the k-th batches of W ranks with batch b are
@@ -18,7 +26,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 SampleKey = tuple[int, int, int]  # (index, seed, epoch)
 _ORDER_STREAM = 3  # nonzero tag: SeedSequence ignores trailing zeros, so (seed, 0) would equal (seed,)
@@ -59,9 +67,21 @@ class EpochSampler(DistributedSampler):
         self.drop_last = False
         self.groups = None if groups is None else np.asarray(groups)
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, items of this rank already trained in it)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, items: int) -> None:
+        """Start at ``epoch``, leaving out the first ``items`` items of this rank's share of it (already trained).
+        Later epochs are whole; ``len()`` stays the whole epoch's, as the trainer counts batches from where it was."""
+        self.epoch = epoch
+        self._skip = (epoch, items) if items > 0 else None
+
+    @property
+    def mid_epoch(self) -> bool:
+        """Whether the next iteration continues an epoch a resumed fit had begun."""
+        return self._skip is not None and self._skip[0] == self.epoch
 
     def __len__(self) -> int:
         return -(-self.num_items // self.num_replicas)
@@ -76,8 +96,40 @@ class EpochSampler(DistributedSampler):
         padding = len(self) * self.num_replicas - len(order)
         if padding:
             order = np.concatenate([order, np.resize(order, padding)])
-        for index in order[self.rank::self.num_replicas].tolist():
+        share = order[self.rank::self.num_replicas]
+        if self.mid_epoch:
+            share = share[self._skip[1]:]
+        self._skip = None
+        for index in share.tolist():
             yield index, seed, self.epoch
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader. It tells Lightning that a fit can resume it mid-epoch (Lightning checks for
+    ``state_dict``/``load_state_dict``); the position itself is the DataModule's state, restored before Lightning may
+    first build this loader (see :meth:`~datamodules.EchoNetDataModule.state_dict`), so the loader keeps none."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def resume_position(trainer) -> tuple[int, int]:
+    """``(epoch, batches)``: the epoch a fit is in and how many of its training batches it has trained, from the
+    trainer's progress counters — what a checkpoint saved now must resume from.
+
+    Saved after an epoch's last batch but before the epoch ended (validation by steps), it gives all of that epoch's
+    batches: the sampler then yields nothing for it, and Lightning goes on to the next epoch.
+    """
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None:
+        return 0, 0
+    epochs = loop.epoch_progress.current
+    epoch = epochs.processed
+    unfinished = epochs.started > epochs.processed  # the epoch began and its training had not finished
+    return epoch, loop.epoch_loop.batch_progress.current.processed if unfinished else 0
 
 
 def group_order(order: np.ndarray, groups: np.ndarray) -> np.ndarray:

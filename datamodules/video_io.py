@@ -20,13 +20,15 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from datamodules.errors import UserInputError
+
 # FFmpeg's FF_QP2LAMBDA: `-q:v q` sets global_quality = q * FF_QP2LAMBDA.
 _QP2LAMBDA = 118
 _CODEC_BY_SUFFIX = {".avi": "mjpeg", ".mp4": "libx264", ".mkv": "ffv1"}
 _CONTAINER_BY_SUFFIX = {".avi": "avi", ".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".webm": "webm"}
 
 
-class VideoReadError(RuntimeError):
+class VideoReadError(UserInputError, RuntimeError):
     """A video that is missing, not a video, or cannot be decoded. The message names the file."""
 
 
@@ -47,6 +49,34 @@ class VideoInfo:
     height: int
     width: int
     fps: float
+
+
+@dataclass(frozen=True)
+class FrameCount:
+    """What :func:`count_frames` learns of a file without decoding it (but its first frame).
+
+    ``frames``: video packets in the file, one per frame. ``header_frames``: the length the container's header
+    records (its duration × frame rate, less one, where it records no count; 0: neither). ``corrupt``: packets the demuxer flags as damaged (a file cut inside a frame).
+    """
+
+    path: Path
+    frames: int
+    header_frames: int
+    corrupt: int
+    fps: float
+
+    @property
+    def truncated(self) -> bool:
+        """A file cut short: a damaged packet, or fewer frames than its own header announced."""
+        return self.corrupt > 0 or self.frames < self.header_frames
+
+    def problem(self) -> str | None:
+        """Why the file cannot be used whole, or None."""
+        if self.corrupt:
+            return f"truncated video: its last frame is cut ({self.frames} frames, {self.corrupt} damaged)"
+        if self.frames < self.header_frames:
+            return f"truncated video: {self.frames} frames, its header records {self.header_frames}"
+        return None
 
 
 @contextlib.contextmanager
@@ -156,6 +186,33 @@ def read_video(
     if decoded < stop:
         raise ShortVideoError(f"{path}: frame {stop - 1} requested but the video decodes to {decoded} frames", decoded)
     return np.stack([picked[i] for i in indices.tolist()])
+
+
+def count_frames(path: str | os.PathLike) -> FrameCount:
+    """Count a video's frames by demuxing its packets — no decoding but the first frame, which proves the stream
+    decodes — and compare with the header: a file cut short shows as fewer packets than the header records, or as a
+    damaged last packet (:attr:`FrameCount.truncated`). About as fast as opening the file."""
+    path = Path(path)
+    with _open_video_stream(path) as (container, stream):
+        rate = stream.average_rate or stream.base_rate or stream.guessed_rate
+        frames = corrupt = 0
+        decoded = False
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the demuxer's end-of-stream marker
+                continue
+            frames += 1
+            corrupt += bool(packet.is_corrupt)
+            if not decoded:
+                decoded = bool(packet.decode())
+        if not decoded and frames:
+            decoded = bool(stream.codec_context.decode(None))  # a decoder with delay: flush it
+        if not decoded:
+            raise VideoReadError(f"{path}: video has no decodable frame")
+        announced = max(int(stream.frames), 0)
+        if not announced and container.duration and rate:
+            # No frame count in the header (Matroska): its duration at the stream's rate, less one for rounding.
+            announced = max(0, round(container.duration / av.time_base * float(rate)) - 1)
+        return FrameCount(path, frames, announced, corrupt, float(rate) if rate else 0.0)
 
 
 def probe_video(path: str | os.PathLike, *, decode: bool = True) -> VideoInfo:

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--on-bad", choices=("error", "skip"), default="error")
-    parser.add_argument("--verify", choices=("none", "open", "decode"), default="open")
+    parser.add_argument("--verify", choices=("none", "open", "count", "decode"), default="count")
     parser.add_argument("--space", choices=("pixel", "latent"), default="pixel",
                         help="latent: serve clips from the latent cache in --latent-dir (checks it is complete)")
     parser.add_argument("--latent-dir", default=None)

@@ -11,6 +11,10 @@ The model is whatever LightningModule the config's ``model.class_path`` names; t
   :class:`~callbacks.checkpoint.Checkpoint` with ``save_last: true``, so every fit can be resumed from
   ``last.ckpt``. It steps aside when the config's ``trainer.callbacks`` already has a ``ModelCheckpoint`` or when
   ``trainer.enable_checkpointing`` is false.
+* **A fit resumes where it stopped, in the same folder**: ``--ckpt_path last`` is the newest
+  ``<default_root_dir>/version_<n>/checkpoints/last.ckpt``, and a fit resumed from a checkpoint of ``version_<n>``
+  logs and checkpoints into ``version_<n>`` again (:mod:`echo_lvdm.resume`). A ``--ckpt_path`` that is no file is
+  refused before anything is written.
 * The resolved config is saved with the run (``config.yaml``, and into wandb / TensorBoard runs).
 """
 
@@ -20,13 +24,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
 from callbacks.checkpoint import Checkpoint
 from callbacks.config_logging import LoggerSaveConfigCallback
 from datamodules import EchoNetDataModule
+from echo_lvdm import resume
 
 # A logger's save_dir left at this value is replaced by trainer.default_root_dir before the logger is built.
 DEFAULT_ROOT_DIR = "${trainer.default_root_dir}"
@@ -68,6 +75,35 @@ class EchoLVDMCLI(LightningCLI):
                 init_args.save_dir = root
             if logger.class_path.endswith("WandbLogger") and not getattr(init_args, "name", None):
                 init_args.name = Path(root).name
+        if "ckpt_path" in config:
+            config.ckpt_path = resume.checked_checkpoint(config.ckpt_path, root)
+            if self.subcommand == "fit" and config.ckpt_path:
+                self._resume_into_run_folder(config, root)
+
+    def _resume_into_run_folder(self, config, root: str) -> None:
+        """The run folder's loggers (save_dir = default_root_dir, no name, no version) continue the checkpoint's
+        ``version_<n>``; the CSV log's rows from before the checkpoint are kept (see :meth:`before_fit`)."""
+        version = resume.run_version(config.ckpt_path, root)
+        if version is None:
+            return
+        loggers = config.trainer.logger
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = getattr(logger, "init_args", None)
+            if init_args is None or logger.class_path.endswith("WandbLogger"):
+                continue
+            if str(init_args.save_dir) == str(root) and not getattr(init_args, "name", None) and \
+                    getattr(init_args, "version", None) is None:
+                init_args.version = version
+        step = torch.load(config.ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0)
+        self._kept_log = resume.logged_before(Path(root) / f"version_{version}", step)
+
+    _kept_log = None
+
+    def before_fit(self) -> None:
+        logger = self.trainer.logger
+        if self._kept_log is not None and isinstance(logger, CSVLogger) and logger.version is not None and \
+                self.trainer.is_global_zero:
+            resume.restore_rows(logger.experiment, *self._kept_log)
 
     def before_predict(self) -> None:
         from callbacks.latent_cache import LatentCacheWriter

@@ -10,8 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+
+from datamodules.errors import UserInputError
+
+DEBUG_ENV = "ECHO_LVDM_DEBUG"  # set to 1: user errors show their traceback too
 
 LIGHTNING_COMMANDS = {
     "fit": "train a model (model.class_path picks which) on the EchoNetDataModule",
@@ -62,6 +67,19 @@ def _usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command. From the console script (``argv`` None) a :class:`UserInputError` — a bad file, row, flag or
+    checkpoint — is printed as one line and exits 1 (``ECHO_LVDM_DEBUG=1``: with its traceback); called with ``argv``
+    from Python, it is raised."""
+    if argv is not None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return _dispatch(argv)
+    try:
+        return _dispatch(argv)
+    except UserInputError as err:
+        print(f"echo-lvdm: {err}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -10,17 +10,21 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from datamodules.sampler import global_seed
 from lightning_modules.image_logging import image_grid, log_image, to_uint8
 from lightning_modules.components import NLayerDiscriminator, hinge_discriminator_loss, hinge_generator_loss
 from lightning_modules.vae_utils import checksum_of_weights, latent_stats, scale_from_stats
 
 __all__ = ["VAEModule", "checksum_of_weights", "export_vae"]
+
+_POSTERIOR_STREAM = 5  # SeedSequence tag of the posterior noise (the diffusion model's training draws use 4)
 EVAL_STAGES = ("val", "test")
 
 
@@ -122,12 +126,24 @@ class VAEModule(L.LightningModule):
         weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
         return weight.clamp(0.0, 1e4).detach() * self.hparams.disc_weight
 
+    def _posterior_noise(self, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Noise for a posterior sample ``like`` the latents (items × frames, C, h, w), drawn per item from (seed, epoch,
+        index) — not from the global RNG, which a resumed fit does not restore and which differs between DDP ranks."""
+        seed, epoch = global_seed(), self.current_epoch
+        per_item = (len(like) // len(index), *like.shape[1:])
+        noise = []
+        for key in index.tolist():
+            state = np.random.SeedSequence((seed, epoch, key, _POSTERIOR_STREAM)).generate_state(1, np.uint64)[0]
+            noise.append(torch.randn(per_item, generator=torch.Generator().manual_seed(int(state))))
+        return torch.cat(noise).to(like)
+
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
         """Encode, decode and score the batch's frames; returns ``loss``, ``frames`` and ``recon`` ``(N, C, H, W)``."""
         frames = batch["video"].flatten(0, 1)
         posterior = self.vae.encode(frames).latent_dist
         # Training decodes a posterior sample (the VAE objective); evaluation the mode, as latents are used later.
-        latents = posterior.sample() if stage == "train" else posterior.mode()
+        latents = posterior.mean + posterior.std * self._posterior_noise(batch["index"], posterior.mean) \
+            if stage == "train" else posterior.mode()
         recon = self.vae.decode(latents).sample
         distance = F.l1_loss if self.hparams.rec_loss == "l1" else F.mse_loss
         rec_loss = distance(recon, frames)
@@ -194,19 +210,37 @@ class VAEModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ scaling factor
     def _accumulate_latent_stats(self, latents: torch.Tensor) -> None:
         sums = latent_stats(latents)
-        self._latent_sums = sums if self._latent_sums is None else self._latent_sums + sums
+        self._latent_sums = sums if self._latent_sums is None else self._latent_sums.to(sums.device) + sums
 
     def _finalise_scaling_factor(self) -> None:
         """Sum this epoch's latent statistics over ranks and store 1/std. Collective: called on every rank."""
         sums = self._latent_sums
         if sums is None:  # nothing trained yet this epoch (sanity check, validate-only): keep the factor
             sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums = sums.to(self.device)
         sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")
         if sums[2] > 1:
             self.scaling_factor.fill_(scale_from_stats(sums))
 
     def on_train_epoch_start(self) -> None:
         self._latent_sums = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The epoch's latent statistics so far, summed over ranks (every rank saves, so this collective is safe): a
+        # fit resumed inside the epoch finalises the factor of the whole epoch, as an uninterrupted one.
+        sums = self._latent_sums
+        if sums is None:
+            sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums = sums.to(self.device)
+        if self._trainer is not None:
+            sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")
+        checkpoint["vae_latent_sums"] = sums.cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        sums = checkpoint.get("vae_latent_sums")
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        # Rank 0 carries the pooled sums on; the others start from zero, so the next reduction counts them once.
+        self._latent_sums = None if sums is None or not sums[2] else sums.to(torch.float64) * (rank == 0)
 
     def on_validation_epoch_start(self) -> None:
         # Validation (and the checkpoint after it) can come before on_train_epoch_end: finalise what we have.

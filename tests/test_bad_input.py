@@ -9,7 +9,8 @@ import pytest
 from datamodules.datamodule import EchoNetDataModule
 from datamodules.filelist import DataValidationError
 from datamodules.video_io import write_video
-from tests.helpers.data import counter_video, make_counter_folder, write_filelist
+from tests.helpers.cli import run_cli
+from tests.helpers.data import counter_video, cut_avi, make_counter_folder, read_filelist, write_filelist
 
 
 @pytest.fixture
@@ -80,27 +81,84 @@ def test_missing_filelist_and_missing_split_are_clear(tmp_path):
 
 
 def test_video_shorter_than_its_filelist_says(tmp_path):
-    """A FileList that overstates the length: verify='decode' corrects it at setup; otherwise the loader re-plans."""
+    """A FileList that overstates the length of a whole video: setup serves the video's own length, with one warning
+    (verify 'count', the default, and 'decode'); with verify='open' the loader re-plans."""
     root = make_counter_folder(tmp_path, [("VAL", 10, 50.0, "A")])
     rows = list(csv.DictReader((root / "FileList.csv").open()))
     rows[0]["NumberOfFrames"] = "30"
     write_filelist(root, rows)
-    exact = EchoNetDataModule(root, verify="decode", clip_length=4)
-    exact.setup("validate")
-    assert exact.datasets["val"].records[0].num_frames == 10
-    trusting = EchoNetDataModule(root, clip_length=16)  # any 16-frame clip planned on 30 frames passes frame 9
+    for verify in ("count", "decode"):
+        exact = EchoNetDataModule(root, verify=verify, clip_length=4)
+        with pytest.warns(UserWarning, match=r"(?s)1 FileList row\(s\) give a NumberOfFrames .*line 2 \(FileName=V000"
+                                             r"\.mkv\): NumberOfFrames 30, the video has 10"):
+            exact.setup("validate")
+        assert exact.datasets["val"].records[0].num_frames == 10
+    trusting = EchoNetDataModule(root, clip_length=16, verify="open")  # a 16-frame clip planned on 30 frames passes 9
     trusting.setup("validate")
     with pytest.warns(UserWarning, match=r"V000\.mkv: frame \d+ requested but the video decodes to 10 frames"):
         item = trusting.datasets["val"][0]
     assert item["video"].shape[0] == 16 and trusting.datasets["val"].records[0].num_frames == 10
 
 
-def test_truncated_avi_is_caught_by_full_verification(tmp_path):
-    """A half-written AVI still decodes its first frame: verify='open' lets it through, verify='decode' names it."""
+def test_truncated_avi_is_caught_by_the_default_verification(tmp_path):
+    """A half-written AVI still decodes its first frame: verify='open' lets it through; counting its packets (the
+    default) and decoding it name it."""
     frames = np.repeat(counter_video(40, 32)[..., None], 3, axis=-1)
     path = write_video(tmp_path / "Videos" / "cut.avi", frames, 50)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     write_filelist(tmp_path, [{"FileName": "cut", "EF": 40, "Split": "VAL", "FPS": 50, "NumberOfFrames": 40}])
     EchoNetDataModule(tmp_path, verify="open").setup("validate")
-    with pytest.raises(DataValidationError, match=r"line 2 \(FileName=cut\): undecodable video \(.*cut\.avi"):
-        EchoNetDataModule(tmp_path, verify="decode").setup("validate")
+    for verify in ("count", "decode"):
+        with pytest.raises(DataValidationError, match=r"line 2 \(FileName=cut\): truncated video: its last frame"):
+            EchoNetDataModule(tmp_path, verify=verify).setup("validate")
+
+
+@pytest.fixture
+def cut_folder(tmp_path):
+    """5 AVIs: line 2 cut cleanly after 14 of its 43 frames, line 3 cut inside a frame, line 4 a whole 64-frame video
+    listed as 8 frames (as EchoNet-Synthetic's released writer lists its batch size), two good ones."""
+    root = make_counter_folder(tmp_path / "data", [("TRAIN", 43, 50.0, "A"), ("TRAIN", 43, 50.0, "B"),
+                                                   ("TRAIN", 64, 50.0, "C"), ("TRAIN", 40, 50.0, "D"),
+                                                   ("VAL", 40, 50.0, "E")], suffix=".avi")
+    cut_avi(root / "Videos" / "V000.avi", frames=14)
+    cut_avi(root / "Videos" / "V001.avi", fraction=0.5)
+    rows = read_filelist(root)
+    rows[2]["NumberOfFrames"] = "8"
+    write_filelist(root, rows)
+    return root
+
+
+def test_truncated_videos_stop_the_cli_at_setup_in_one_line_per_video(cut_folder, tmp_path):
+    """Before: `fit` served the clean cut at 14 frames and crashed inside a worker on the other. Now setup names both
+    and the command exits 1 without a traceback; with on_bad=skip it trains on the rest, the lying row corrected."""
+    toy = ["fit", "--data.root", str(cut_folder), "--model", "tests.helpers.toy_models.MeanBrightnessEF",
+           "--data.clip_length", "4", "--data.batch_size", "2", "--trainer.accelerator", "cpu",
+           "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+           "--trainer.default_root_dir", str(tmp_path / "run")]
+    refused = run_cli(*toy)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    message = refused.stderr[refused.stderr.index("echo-lvdm: "):].splitlines()
+    assert message[0] == "echo-lvdm: 2 bad entries in the dataset:"
+    assert message[1].endswith("line 2 (FileName=V000.avi): truncated video: 14 frames, its header records 43")
+    assert re.search(r"line 3 \(FileName=V001\.avi\): truncated video: its last frame is cut \(\d+ frames, 1 damaged\)$",
+                     message[2]), message
+    skipped = run_cli(*toy, "--data.on_bad", "skip")  # (run_cli silences warnings: the next test reads them)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+
+
+def test_a_64_frame_video_listed_as_8_yields_clips_from_all_64_frames(cut_folder):
+    datamodule = EchoNetDataModule(cut_folder, on_bad="skip", clip_length=4)
+    with pytest.warns(UserWarning) as warned:
+        datamodule.setup("fit")
+    messages = [str(warning.message) for warning in warned]
+    assert any(m.startswith("skipped 2 of 5 FileList rows (2 truncated video)") for m in messages), messages
+    assert any(m.startswith("1 FileList row(s) give a NumberOfFrames") and
+               m.endswith("line 4 (FileName=V002.avi): NumberOfFrames 8, the video has 64") for m in messages), messages
+    dataset = datamodule.datasets["train"]
+    index = next(i for i, record in enumerate(dataset.records) if record.file_name == "V002.avi")
+    assert dataset.records[index].num_frames == 64
+    last = []
+    for epoch in range(30):
+        pixel = (dataset[(index, 0, epoch)]["video"][-1].mean() + 1) * 127.5  # counter value 2 + 3 t
+        last.append(round((float(pixel) - 2) / 3))
+    assert max(last) > 32 and min(last) < 32  # clip ends spread over the whole video, not its first 8 frames

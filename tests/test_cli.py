@@ -1,11 +1,10 @@
 """The echo-lvdm console script: help, configs that stack in the documented order, logs under default_root_dir, a
-real fit and a resumed fit."""
+real fit (resumed fits: tests/test_resume.py)."""
 
 import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from datamodules.datamodule import NO_ROOT
@@ -144,28 +143,3 @@ def test_logs_and_checkpoints_land_under_default_root_dir(counter_folder, tmp_pa
     assert list((work / "tb" / "version_0").glob("events.out.tfevents.*"))
     toy_fit(counter_folder, work / "elsewhere", "--trainer.logger.init_args.save_dir", str(work / "logs_here"))
     assert (work / "logs_here" / "version_0" / "metrics.csv").is_file()
-
-
-def fit(counter_folder: Path, out: Path, *args: str) -> dict:
-    """`echo-lvdm fit` with the toy model; returns the last checkpoint."""
-    result = run_cli(
-        "fit", "--config", str(REPO / "configs/data/phantom.yaml"), "--data.root", str(counter_folder),
-        "--data.clip_length", "4", "--data.batch_size", "2", "--data.num_workers", "0",
-        "--model", TOY, "--trainer.accelerator", "cpu",
-        "--trainer.default_root_dir", str(out), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-        "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={out}", "--seed_everything", "0", *args,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(max(out.glob("*.ckpt"), key=lambda p: p.stat().st_mtime), weights_only=True, map_location="cpu")
-
-
-def test_resumed_fit_equals_uninterrupted_fit(counter_folder, tmp_path):
-    straight = fit(counter_folder, tmp_path / "straight", "--trainer.max_epochs", "3")
-    first = fit(counter_folder, tmp_path / "resumed", "--trainer.max_epochs", "1")
-    assert (first["epoch"], first["global_step"]) == (0, 2)  # 4 training videos, batch 2
-    checkpoint = next((tmp_path / "resumed").glob("*.ckpt"))
-    resumed = fit(counter_folder, tmp_path / "resumed", "--trainer.max_epochs", "3", "--ckpt_path", str(checkpoint))
-    assert (resumed["epoch"], resumed["global_step"]) == (straight["epoch"], straight["global_step"]) == (2, 6)
-    assert not torch.equal(resumed["state_dict"]["linear.weight"], first["state_dict"]["linear.weight"])
-    for name, weight in straight["state_dict"].items():
-        torch.testing.assert_close(resumed["state_dict"][name], weight, rtol=0, atol=0)

@@ -71,3 +71,20 @@ def encode_tiny_latents(root: Path, latent_dir: Path, size: int = 16, export: Pa
     if export is not None:
         vae.save_pretrained(export)
     return latent_dir
+
+
+def cut_avi(path: Path, *, frames: int | None = None, fraction: float | None = None) -> Path:
+    """Truncate an AVI in place as an interrupted copy does: after its first ``frames`` frame chunks (a clean cut at a
+    frame boundary; the index at the end is lost), or at ``fraction`` of its bytes (most often inside a frame)."""
+    data = path.read_bytes()
+    if fraction is not None:
+        path.write_bytes(data[: int(len(data) * fraction)])
+        return path
+    movi = data.index(b"movi") + 4
+    offset, seen = movi, 0
+    while seen < frames:  # RIFF chunks: 4-byte id, little-endian size, data padded to an even length
+        size = int.from_bytes(data[offset + 4: offset + 8], "little")
+        seen += data[offset + 2: offset + 4] in (b"dc", b"db")
+        offset += 8 + size + size % 2
+    path.write_bytes(data[:offset])
+    return path

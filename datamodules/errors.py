@@ -1,0 +1,12 @@
+"""``UserInputError``: what the user gave is wrong — a file, a row, a flag, a checkpoint — not the code.
+
+Every ``echo-lvdm`` command prints such an error as one line (``echo-lvdm: <message>``) and exits with status 1, without
+a traceback (``ECHO_LVDM_DEBUG=1`` shows it). Raise it, or a subclass, with a message that names the file, row or key,
+what was found and what was expected. It lives at the bottom of the import order so that every layer can raise it.
+"""
+
+from __future__ import annotations
+
+
+class UserInputError(ValueError):
+    """Bad input from the user; the message says where, what was found and what was expected."""
