@@ -152,10 +152,10 @@ class CoverageCallback(L.Callback):
                                  f"frames; the diffusion model's latents have {hp.latent_channels} channels — use a "
                                  "re-ID model trained in latent space (configs/reid_latent.yaml)")
         if self.ef_path is not None and self.regressor is None:
+            from lightning_modules.checkpoints import load_module
             from lightning_modules.ef_regressor import EFRegressorModule
 
-            self.regressor = EFRegressorModule.load_from_checkpoint(self.ef_path, map_location=device,
-                                                                    weights_only=True)
+            self.regressor = load_module(EFRegressorModule, self.ef_path, map_location=device)
             self.regressor.eval().requires_grad_(False)
             if self.regressor.hparams.in_channels != hp.latent_channels and self.vae_path is None:
                 raise ValueError(f"CoverageCallback: the EF regressor {self.ef_path} reads pixels; give the VAE "

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from datamodules.clips import PAD_MODES, PadMode
 from datamodules.dataset import EchoNetVideoDataset, Sampling
+from datamodules.errors import UserInputError
 from datamodules.filelist import (
     SPLITS,
     BadEntry,
@@ -113,21 +114,21 @@ class EchoNetDataModule(L.LightningDataModule):
             if self.hparams[key] is not None:
                 self.hparams[key] = str(self.hparams[key])
         if pad not in PAD_MODES:
-            raise ValueError(f"pad must be one of {PAD_MODES}, got {pad!r}")
+            raise UserInputError(f"pad must be one of {PAD_MODES}, got {pad!r}")
         if fps is not None and period != 1:
-            raise ValueError(f"give either period ({period}) or fps ({fps}), not both")
+            raise UserInputError(f"give either period ({period}) or fps ({fps}), not both")
         if clip_length < 1 or num_frames < 1 or period < 1 or batch_size < 1:
-            raise ValueError("clip_length, num_frames, period and batch_size must be ≥ 1")
+            raise UserInputError("clip_length, num_frames, period and batch_size must be ≥ 1")
         if space not in ("pixel", "latent"):
-            raise ValueError(f"space must be 'pixel' or 'latent', got {space!r}")
+            raise UserInputError(f"space must be 'pixel' or 'latent', got {space!r}")
         if predict_split == "requests" and requests is None:
-            raise ValueError("predict_split 'requests' needs data.requests (attempts, distribution, ef_range, seed)")
+            raise UserInputError("predict_split 'requests' needs data.requests (attempts, distribution, ef_range, seed)")
         if space == "latent" and latent_dir is None:
-            raise ValueError(f"space='latent' needs data.latent_dir — a data config (configs/data/*.yaml) sets it, "
+            raise UserInputError(f"space='latent' needs data.latent_dir — a data config (configs/data/*.yaml) sets it, "
                              f"or --data.latent_dir DIR — the cache written by: {ENCODE_COMMAND}")
         roots = {"train": train_root or root, "val": val_root or root, "test": test_root or root}
         if not any(roots.values()):
-            raise ValueError(NO_ROOT)
+            raise UserInputError(NO_ROOT)
         self.roots = {split: Path(path) if path is not None else None for split, path in roots.items()}
         self.datasets: dict[str, EchoNetVideoDataset] = {}
         self.skipped: dict[str, list[BadEntry]] = {}
@@ -136,7 +137,7 @@ class EchoNetDataModule(L.LightningDataModule):
     def root_for(self, split: Split) -> Path:
         root = self.roots[split]
         if root is None:
-            raise ValueError(f"no dataset folder for the {split} split: set data.root or data.{split}_root")
+            raise UserInputError(f"no dataset folder for the {split} split: set data.root or data.{split}_root")
         return root
 
     def _build(self, split: Split, allow_empty: bool = False) -> EchoNetVideoDataset | None:
@@ -148,8 +149,11 @@ class EchoNetDataModule(L.LightningDataModule):
         if not table.records and not table.skipped:
             if allow_empty:
                 return None
+            filelist = table.root / "FileList.csv"
+            if not table.rows:
+                raise DataValidationError(f"{filelist}: a header and no rows (expected one row per video)")
             labels = "/".join(SPLITS)
-            raise DataValidationError(f"{table.root / 'FileList.csv'}: no row has Split={split.upper()} (expected {labels})")
+            raise DataValidationError(f"{filelist}: no row has Split={split.upper()} (expected {labels})")
         options = dict(sampling=hp.sampling, clip_length=hp.clip_length, period=hp.period if hp.fps is None else None,
                        target_fps=hp.fps, num_frames=hp.num_frames, pad=hp.pad, channels=hp.channels, size=hp.size,
                        eval_seed=hp.eval_seed, eval_start=hp.eval_start,

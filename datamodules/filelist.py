@@ -84,6 +84,7 @@ class SplitTable:
     records: list[VideoRecord]
     skipped: list[BadEntry] = field(default_factory=list)
     corrected: list[CorrectedLength] = field(default_factory=list)
+    rows: int = 0  # rows of the FileList, all splits
 
 
 def normalize_split(value: str) -> str:
@@ -151,6 +152,10 @@ def read_split(
         return row[i].strip() if i is not None and i < len(row) else None
 
     names = Counter(Path(cell(row, "FileName") or "").stem for _, row in rows)
+    present = {}  # stem → file names in Videos/, for the hint when a FileName's implied .avi is absent
+    if (root / "Videos").is_dir():
+        for path in (root / "Videos").iterdir():
+            present.setdefault(path.stem, []).append(path.name)
     has_patient = "patientid" in columns
     has_fps = "fps" in columns
     candidates: list[tuple[int, str, float, str, float | None, int | None]] = []
@@ -173,6 +178,10 @@ def read_split(
             kind, problem = "bad FPS", f"FPS is {cell(row, 'FPS')!r}, expected a positive number"
         elif not video_path(root, name).is_file():
             kind, problem = "missing video", f"video missing: {video_path(root, name)}"
+            others = present.get(Path(name).stem if Path(name).suffix else name, [])
+            if others:
+                problem += (f" (Videos/ has {', '.join(sorted(others))}: a FileName without an extension means .avi, "
+                            "as in EchoNet-Dynamic; write the extension in FileName)")
         if problem:
             bad.append(BadEntry(filelist, line, name, kind, problem))
             continue
@@ -223,7 +232,7 @@ def read_split(
         records.append(VideoRecord(line, name, video_path(root, name), ef, split, patient, float(fps), int(frames)))
 
     bad.sort(key=lambda entry: entry.line or 0)
-    return SplitTable(root, split, records, bad, corrected)
+    return SplitTable(root, split, records, bad, corrected, len(rows))
 
 
 def list_bad(bad: list[BadEntry]) -> str:

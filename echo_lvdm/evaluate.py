@@ -64,7 +64,9 @@ def protocol_of(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from callbacks.coverage_measures import CoverageMeasures
     from datamodules import EchoNetDataModule
+    from datamodules.errors import UserInputError
     from lightning_modules.calibration import filter_bank
+    from lightning_modules.checkpoints import load_module
     from lightning_modules.reid import load_reid
     from lightning_modules.reid_embeddings import EncodedReID, embed_split
     from lightning_modules.vae_utils import load_frozen_vae
@@ -76,11 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if args.ef is not None:
         from lightning_modules.ef_regressor import EFRegressorModule
 
-        regressor = EFRegressorModule.load_from_checkpoint(args.ef, map_location=args.device, weights_only=True)
+        regressor = load_module(EFRegressorModule, args.ef, map_location=args.device)
         regressor.eval().requires_grad_(False)
     latent_ef = regressor is not None and regressor.hparams.in_channels == 4
     if (latent_reid or latent_ef) and args.vae is None:
-        raise ValueError(f"evaluate: {'the re-ID model' if latent_reid else 'the EF regressor'} works in latent space; "
+        raise UserInputError(f"evaluate: {'the re-ID model' if latent_reid else 'the EF regressor'} works in latent space; "
                          "give --vae <exported VAE folder> to encode the videos")
     vae = load_frozen_vae(args.vae).to(args.device) if args.vae is not None else None
     model = EncodedReID(reid, vae if latent_reid else None)
@@ -89,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     common = dict(pad="reflect", channels=channels, size=args.size, batch_size=args.batch_size, num_workers=0)
     real = EchoNetDataModule(args.real, **common, **protocol.data_options())
     synthetic = EchoNetDataModule(args.synthetic, predict_split="all", **common, **protocol.data_options())
+    # Both folders checked before anything is embedded: a broken synthetic FileList must not cost the real set's pass.
+    synthetic.setup("predict")
+    real.setup()
     cache = args.cache_dir or args.out / "reid_cache"
     # τ stored beside the re-ID checkpoint for this protocol and data (`echo-lvdm calibrate`), else calibrated here
     bank, calibration, source = filter_bank(model, reid, args.reid, real, protocol, cache_dir=cache,
@@ -99,7 +104,6 @@ def run(args: argparse.Namespace) -> int:
 
     measures = CoverageMeasures(reid, bank, calibration, protocol, ef=regressor is not None, k=args.k).to(args.device)
     measures.update_reference(heldout.index, heldout.embedding)
-    synthetic.setup("predict")
     # Coverage of the first n videos takes them in FileList row order (a written dataset: the order they were kept).
     measures.sample_order = torch.tensor([record.line for record in synthetic.datasets["all"].records])
     reads_clips = regressor is not None and protocol.data_options() != clips

@@ -33,6 +33,7 @@ from lightning.pytorch.loggers import CSVLogger
 from callbacks.checkpoint import Checkpoint
 from callbacks.config_logging import LoggerSaveConfigCallback
 from datamodules import EchoNetDataModule
+from datamodules.errors import read_yaml
 from echo_lvdm import resume
 
 # A logger's save_dir left at this value is replaced by trainer.default_root_dir before the logger is built.
@@ -75,10 +76,17 @@ class EchoLVDMCLI(LightningCLI):
                 init_args.save_dir = root
             if logger.class_path.endswith("WandbLogger") and not getattr(init_args, "name", None):
                 init_args.name = Path(root).name
-        if "ckpt_path" in config:
-            config.ckpt_path = resume.checked_checkpoint(config.ckpt_path, root)
-            if self.subcommand == "fit" and config.ckpt_path:
-                self._resume_into_run_folder(config, root)
+        if self.subcommand == "fit" and config.get("ckpt_path"):
+            self._resume_into_run_folder(config, root)
+
+    def _parse_ckpt_path(self) -> None:
+        # Before LightningCLI reads the checkpoint's hyperparameters: resolve `last`, and refuse a path that is no
+        # (whole) checkpoint with one line naming it, before anything is built or written.
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path"):
+            config = self.config[subcommand]
+            config.ckpt_path = resume.checked_checkpoint(config.ckpt_path, config.trainer.default_root_dir)
+        super()._parse_ckpt_path()
 
     def _resume_into_run_folder(self, config, root: str) -> None:
         """The run folder's loggers (save_dir = default_root_dir, no name, no version) continue the checkpoint's
@@ -140,11 +148,11 @@ def overlay_without_model(args: Sequence[str]) -> str | None:
     such as ``lvdm_quickstart.yaml`` given without the model config it changes. Returns what to say, or None.
     (LightningCLI would report it as a LightningModule that does not accept the overlay's arguments.)"""
     args = list(args)
-    if any(arg == "--model" or arg.startswith(("--model=", "--model.class_path")) for arg in args):
-        return None
     paths = [Path(value) for flag, value in zip(args, args[1:]) if flag in ("--config", "-c")]
     paths += [Path(arg.split("=", 1)[1]) for arg in args if arg.startswith("--config=")]
-    contents = [(path, yaml.safe_load(path.read_text()) or {}) for path in paths if path.is_file()]
+    contents = [(path, read_yaml(path) or {}) for path in paths if path.is_file()]  # malformed YAML: names the file
+    if any(arg == "--model" or arg.startswith(("--model=", "--model.class_path")) for arg in args):
+        return None
     models = [(path, content["model"]) for path, content in contents if isinstance(content.get("model"), dict)]
     if not models or any("class_path" in model for _, model in models):
         return None

@@ -68,13 +68,13 @@ def _usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command. From the console script (``argv`` None) a :class:`UserInputError` — a bad file, row, flag or
-    checkpoint — is printed as one line and exits 1 (``ECHO_LVDM_DEBUG=1``: with its traceback); called with ``argv``
+    checkpoint — or a missing file is printed as one line and exits 1 (``ECHO_LVDM_DEBUG=1``: with its traceback); called with ``argv``
     from Python, it is raised."""
     if argv is not None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         return _dispatch(argv)
     try:
         return _dispatch(argv)
-    except UserInputError as err:
+    except (UserInputError, FileNotFoundError) as err:
         print(f"echo-lvdm: {err}", file=sys.stderr)
         return 1
 

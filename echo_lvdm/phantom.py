@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
             device_fingerprint=args.device_fingerprint, workers=args.workers, overwrite=args.overwrite,
         )
     except (FileExistsError, NotADirectoryError, ValueError) as err:
-        log.error("phantom: %s", err)
+        message = str(err)
+        log.error("echo-lvdm phantom: %s", message.removeprefix("phantom: "))  # the library's errors say "phantom:"
         return 1
     with (out / "FileList.csv").open(newline="") as handle:
         splits = [row["Split"] for row in csv.DictReader(handle)]

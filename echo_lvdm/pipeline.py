@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from datamodules.errors import UserInputError, read_yaml
+
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +46,7 @@ class Stage:
     run: Callable[[Run], dict[str, Any]]  # runs the stage; returns its artifacts and metrics
     describe: str
     outputs: tuple[str, ...] = ()  # folders under the run folder besides <name>/ (removed by --redo)
+    command: str | None = None  # the LightningCLI command the stage runs (its configs and args are checked up front)
 
 
 class Run:
@@ -69,14 +72,33 @@ class Run:
         paths = [Path(f) if Path(f).is_absolute() else self.repo / f for f in ([files] if isinstance(files, str) else files)]
         for path in paths:
             if not path.is_file():
-                raise FileNotFoundError(f"pipeline: stage {name}: config {path} not found")
+                raise UserInputError(f"pipeline: stage {name}: config {path} not found")
         return [str(path) for path in paths]
 
     def base_config(self, name: str) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for path in self.config_files(name):
-            merged = _merge(merged, yaml.safe_load(Path(path).read_text()) or {})
+            merged = _merge(merged, read_yaml(path) or {})
         return merged
+
+    def check(self, stage: Stage) -> None:
+        """Resolve a pending stage's configs and ``args`` as its command will (``--print_config``, nothing built): a
+        missing config, malformed YAML or an unknown key stops the pipeline before its first stage, not at its turn."""
+        import contextlib
+        import io
+
+        from echo_lvdm.main import main
+
+        argv = [stage.command, *sum((["--config", f] for f in self.config_files(stage.name)), []),
+                *as_arguments(self.stage_config(stage.name).get("args", [])), "--print_config"]
+        errors = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
+            try:
+                main(argv)
+            except SystemExit as exited:
+                if exited.code:
+                    raise UserInputError(f"pipeline: stage {stage.name} (echo-lvdm {' '.join(argv[:-1])}): "
+                                         f"{_parser_error(errors.getvalue())}") from None
 
     def lightning(self, name: str, command: str, overlay: dict[str, Any], *args: str) -> None:
         """``echo-lvdm <command>`` with the stage's configs, the overlay and the stage's own ``args``."""
@@ -227,22 +249,22 @@ def stage_evaluate(job: Run) -> dict[str, Any]:
 
 STAGES = [
     Stage("data", stage_data, "phantom dataset (or the given root)"),
-    Stage("vae", stage_vae, "VAE fit"),
+    Stage("vae", stage_vae, "VAE fit", command="fit"),
     Stage("export", stage_export, "VAE → diffusers folder"),
-    Stage("encode", stage_encode, "latent cache", ("latents",)),
-    Stage("reid", stage_reid, "re-ID fit, τ, test", ("reid_test",)),
-    Stage("ef", stage_ef, "EF regressor fit and test on real", ("ef_test",)),
-    Stage("anatomy", stage_anatomy, "anatomy (image) diffusion fit"),
-    Stage("video", stage_video, "video diffusion fit with coverage"),
-    Stage("generate", stage_generate, "privacy-filtered synthetic dataset", ("synthetic",)),
-    Stage("ef_synthetic", stage_ef_synthetic, "EF regressor on synthetic, tested on real", ("ef_synthetic_test",)),
+    Stage("encode", stage_encode, "latent cache", ("latents",), command="predict"),
+    Stage("reid", stage_reid, "re-ID fit, τ, test", ("reid_test",), command="fit"),
+    Stage("ef", stage_ef, "EF regressor fit and test on real", ("ef_test",), command="fit"),
+    Stage("anatomy", stage_anatomy, "anatomy (image) diffusion fit", command="fit"),
+    Stage("video", stage_video, "video diffusion fit with coverage", command="fit"),
+    Stage("generate", stage_generate, "privacy-filtered synthetic dataset", ("synthetic",), command="predict"),
+    Stage("ef_synthetic", stage_ef_synthetic, "EF regressor on synthetic, tested on real", ("ef_synthetic_test",), command="fit"),
     Stage("evaluate", stage_evaluate, "coverage report", ("evaluation",)),
 ]
 
 
 # ------------------------------------------------------------------------------------------------------- running
 def run(args: argparse.Namespace) -> int:
-    config = yaml.safe_load(args.config.read_text()) or {}
+    config = read_yaml(args.config) or {}
     names = [stage.name for stage in STAGES]
     for option in ("redo", "stop_after"):
         if getattr(args, option) is not None and getattr(args, option) not in names:
@@ -259,6 +281,10 @@ def run(args: argparse.Namespace) -> int:
         for stage in STAGES[names.index(args.redo):]:
             for folder in (stage.name, *stage.outputs):
                 shutil.rmtree(job.out / folder, ignore_errors=True)
+    last = names.index(args.stop_after) if args.stop_after else len(STAGES) - 1
+    for stage in STAGES[: last + 1]:
+        if stage.command and not (job.out / stage.name / "DONE.json").is_file():
+            job.check(stage)
     started = time.monotonic()
     for number, stage in enumerate(STAGES, 1):
         done = job.out / stage.name / "DONE.json"
@@ -339,6 +365,14 @@ def last_metrics(log_dir: Path) -> dict[str, float]:
             values.update({key: float(value) for key, value in row.items() if value not in ("", None)
                            and key not in ("epoch", "step")})
     return values
+
+
+def _parser_error(text: str) -> str:
+    """The telling line of a LightningCLI parser error: "Option 'x' is not accepted", else its ``error:`` line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    telling = [line for line in lines if "is not accepted" in line or "not found" in line.lower()]
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error:")]
+    return (telling or errors or lines or ["its config does not resolve"])[0]
 
 
 def as_arguments(values: list[Any]) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from datamodules.errors import UserInputError
 from datamodules.video_io import atomic_output
+from lightning_modules.checkpoints import check_checkpoint_file
 
 _VERSION = re.compile(r"version_(\d+)")
 METRICS_FILE = "metrics.csv"  # CSVLogger's
@@ -47,7 +48,7 @@ def checked_checkpoint(value: str | None, root: str | Path) -> str | None:
     path = last_checkpoint(root) if value == "last" else Path(value)
     if not path.is_file():
         raise UserInputError(f"--ckpt_path {value}: no such checkpoint file")
-    return str(path)
+    return str(check_checkpoint_file(path))
 
 
 def logged_before(log_dir: str | Path, step: int) -> tuple[list[str], list[dict[str, str]]] | None:

@@ -64,10 +64,11 @@ def reference_frames(args: argparse.Namespace, efs: list[float], generator: torc
 def run(args: argparse.Namespace) -> int:
     from callbacks.video_logging import video_array
     from datamodules.video_io import atomic_output, write_video
+    from lightning_modules.checkpoints import load_module
     from lightning_modules.diffusion import VideoDiffusionModule
     from lightning_modules.vae_utils import decode_frames, load_frozen_vae
 
-    model = VideoDiffusionModule.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=True)
+    model = load_module(VideoDiffusionModule, args.checkpoint)
     if model.hparams.mode != "video":
         log.error("sample: %s is an image-mode (anatomy) model; pass it as --anatomy", args.checkpoint)
         return 1
@@ -102,9 +103,10 @@ def read_back(rows: list[dict], args: argparse.Namespace) -> None:
     """Add ``ReadEF`` to each row (the regressor's EF of its decoded video); log R² and MAE against RequestedEF."""
     from torchmetrics.functional import mean_absolute_error, r2_score
 
+    from lightning_modules.checkpoints import load_module
     from lightning_modules.ef_regressor import EFRegressorModule
 
-    regressor = EFRegressorModule.load_from_checkpoint(args.ef_regressor, map_location="cpu", weights_only=True)
+    regressor = load_module(EFRegressorModule, args.ef_regressor)
     for row in rows:
         row["ReadEF"] = round(float(regressor.read_ef(row["pixels"][None], args.ef_size)[0]), 3)
     requested = torch.tensor([row["RequestedEF"] for row in rows])

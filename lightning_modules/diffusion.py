@@ -14,6 +14,7 @@ from diffusers import DDPMScheduler, UNetSpatioTemporalConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from lightning_modules.checkpoints import load_module
 from lightning_modules.metrics import IndexedCat
 from datamodules.sampler import global_seed
 from lightning_modules.components.ef_conditioning import EFConditioner
@@ -365,7 +366,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
 def load_diffusion(checkpoint, mode: str | None = None, map_location="cpu") -> VideoDiffusionModule:
     """A trained :class:`VideoDiffusionModule` (read with ``weights_only=True``), frozen: eval, no gradients.
     ``mode``: ``"image"`` for an anatomy model, ``"video"``; a checkpoint of the other mode is refused, naming it."""
-    module = VideoDiffusionModule.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True)
+    module = load_module(VideoDiffusionModule, checkpoint, map_location=map_location)
     if mode is not None and module.hparams.mode != mode:
         kinds = {"image": "an image-mode (anatomy) model", "video": "a video model"}
         raise ValueError(f"{checkpoint} is {kinds[module.hparams.mode]}; {kinds[mode]} is needed here")

@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics.classification import BinaryAccuracy
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 
+from lightning_modules.checkpoints import load_module
 from lightning_modules.metrics import IndexedCat
 from lightning_modules.protocols import Protocol
 from lightning_modules.components.pair_head import NegativeHead
@@ -384,7 +385,7 @@ class ReIDModule(L.LightningModule):
 
 def load_reid(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> ReIDModule:
     """A trained :class:`ReIDModule` from a Lightning checkpoint, read with ``weights_only=True``, in eval mode."""
-    module = ReIDModule.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True)
+    module = load_module(ReIDModule, checkpoint, map_location=map_location)
     return module.eval().requires_grad_(False)
 
 

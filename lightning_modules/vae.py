@@ -18,6 +18,7 @@ from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from datamodules.sampler import global_seed
+from lightning_modules.checkpoints import load_module
 from lightning_modules.image_logging import image_grid, log_image, to_uint8
 from lightning_modules.components import NLayerDiscriminator, hinge_discriminator_loss, hinge_generator_loss
 from lightning_modules.vae_utils import checksum_of_weights, latent_stats, scale_from_stats
@@ -341,5 +342,5 @@ def export_vae(checkpoint: str | Path, out: str | Path) -> Path:
 
     The checkpoint is read with ``weights_only=True`` (no arbitrary unpickling) onto the CPU.
     """
-    module = VAEModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    module = load_module(VAEModule, checkpoint)
     return module.save_pretrained(out)
