@@ -33,8 +33,9 @@ from lightning.pytorch.loggers import CSVLogger
 from callbacks.checkpoint import Checkpoint
 from callbacks.config_logging import LoggerSaveConfigCallback
 from datamodules import EchoNetDataModule
-from datamodules.errors import read_yaml
+from datamodules.errors import UserInputError, read_yaml
 from echo_lvdm import resume
+from echo_lvdm.cli_errors import OneLineParser
 
 # A logger's save_dir left at this value is replaced by trainer.default_root_dir before the logger is built.
 DEFAULT_ROOT_DIR = "${trainer.default_root_dir}"
@@ -47,6 +48,7 @@ class EchoLVDMCLI(LightningCLI):
         # config.yaml in the log dir (rewritten by a run in the same dir), and the same config in wandb / TensorBoard.
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", OneLineParser)  # a parse error is one line, as every user error
         super().__init__(
             model_class=None,
             datamodule_class=EchoNetDataModule,
@@ -135,8 +137,7 @@ def run(argv: Sequence[str] | None) -> int:
     args, so they are passed only when called from Python)."""
     problem = overlay_without_model(sys.argv[1:] if argv is None else argv)
     if problem:
-        print(f"echo-lvdm: {problem}", file=sys.stderr)
-        return 2
+        raise UserInputError(problem)
     cli = EchoLVDMCLI(args=argv)
     _finish_wandb_run(cli.trainer)
     _close_process_group()

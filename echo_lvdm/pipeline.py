@@ -91,14 +91,15 @@ class Run:
 
         argv = [stage.command, *sum((["--config", f] for f in self.config_files(stage.name)), []),
                 *as_arguments(self.stage_config(stage.name).get("args", [])), "--print_config"]
-        errors = io.StringIO()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
+        where = f"pipeline: stage {stage.name} (echo-lvdm {' '.join(argv[:-1])})"
+        with contextlib.redirect_stdout(io.StringIO()):
             try:
                 main(argv)
-            except SystemExit as exited:
+            except UserInputError as err:
+                raise UserInputError(f"{where}: {err}") from None
+            except SystemExit as exited:  # --print_config exits 0
                 if exited.code:
-                    raise UserInputError(f"pipeline: stage {stage.name} (echo-lvdm {' '.join(argv[:-1])}): "
-                                         f"{_parser_error(errors.getvalue())}") from None
+                    raise UserInputError(f"{where}: exit status {exited.code}") from None
 
     def lightning(self, name: str, command: str, overlay: dict[str, Any], *args: str) -> None:
         """``echo-lvdm <command>`` with the stage's configs, the overlay and the stage's own ``args``."""
@@ -365,14 +366,6 @@ def last_metrics(log_dir: Path) -> dict[str, float]:
             values.update({key: float(value) for key, value in row.items() if value not in ("", None)
                            and key not in ("epoch", "step")})
     return values
-
-
-def _parser_error(text: str) -> str:
-    """The telling line of a LightningCLI parser error: "Option 'x' is not accepted", else its ``error:`` line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    telling = [line for line in lines if "is not accepted" in line or "not found" in line.lower()]
-    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error:")]
-    return (telling or errors or lines or ["its config does not resolve"])[0]
 
 
 def as_arguments(values: list[Any]) -> list[str]:

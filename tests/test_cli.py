@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from datamodules.datamodule import NO_ROOT
+from datamodules.errors import UserInputError
 from echo_lvdm.main import main
 from tests.helpers.cli import DATA_CONFIGS, REAL_DATA, REPO, config_stack, merged_yaml, print_config, run_cli
 
@@ -84,10 +85,11 @@ def test_a_run_without_a_data_location_names_the_flag_and_the_data_configs(count
     assert all((DATA_CONFIGS / name).is_file() for name in ("phantom.yaml", "echonet_dynamic.yaml"))
 
 
-def test_an_overlay_without_its_model_config_is_refused_with_the_config_to_add(capsys):
-    assert main(["fit", "--config", str(REPO / "configs/data/phantom.yaml"),
-                 "--config", str(REPO / "configs/lvdm_quickstart.yaml")]) == 2
-    message = capsys.readouterr().err
+def test_an_overlay_without_its_model_config_is_refused_with_the_config_to_add():
+    with pytest.raises(UserInputError) as raised:
+        main(["fit", "--config", str(REPO / "configs/data/phantom.yaml"),
+              "--config", str(REPO / "configs/lvdm_quickstart.yaml")])
+    message = str(raised.value)
     assert re.search(r"lvdm_quickstart\.yaml changes a model, but no config names one .* --config \S*configs/lvdm\.yaml "
                      r"--config \S*configs/lvdm_quickstart\.yaml", message), message
 

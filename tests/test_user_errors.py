@@ -54,6 +54,9 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     pipeline.write_text((REPO / "configs/pipeline/quickstart.yaml").read_text().replace(
         "--model.lr_step_period, 6", "--model.lr_step_perod, 6"))
     paths["pipeline"] = pipeline
+    typo = work / "typo.yaml"  # a config with a misspelt trainer key
+    typo.write_text("trainer:\n  max_epoch: 3\n")
+    paths["typo"] = typo
     return paths
 
 
@@ -75,6 +78,15 @@ CASES = {  # name → (argv with {placeholders}, the start of the one line)
         "echo-lvdm: {no_ef}/FileList.csv: missing required column(s) EF"),
     "pipeline, typo in the last stage": (["pipeline", "--config", "{pipeline}", "--out", "{work}/run"],
                                          "echo-lvdm: pipeline: stage ef_synthetic"),
+    "unknown model argument": (["fit", "--data.root", "{data}", *TOY, "--model.bogus", "3"],
+                               "echo-lvdm: fit: --model.bogus: tests.helpers.toy_models.MeanBrightnessEF has no "
+                               "argument 'bogus'; echo-lvdm fit --model.help tests.helpers.toy_models.MeanBrightnessEF"),
+    "a value of the wrong type": (["fit", "--data.root", "{data}", *TOY, "--trainer.max_epochs", "three"],
+                                  "echo-lvdm: fit: --trainer.max_epochs: expected int or None, got 'three'"),
+    "an unknown key in a config": (["fit", "--data.root", "{data}", *TOY, "--config", "{typo}"],
+                                   "echo-lvdm: fit: {typo} sets 'trainer.max_epoch', which fit does not accept"),
+    "an unknown flag": (["validate", "--data.root", "{data}", *TOY, "--bogus"],
+                        "echo-lvdm: validate: unrecognized arguments: --bogus (echo-lvdm validate --help"),
 }
 
 
@@ -99,6 +111,8 @@ def test_a_bad_input_is_one_line_and_exit_1(case, inputs, monkeypatch, capsys):
         assert not (inputs["data"].parent / "evaluation" / "reid_cache").exists()  # refused before any embedding
     if case == "pipeline, typo in the last stage":
         assert not (inputs["data"].parent / "run").exists()  # refused before the first stage
+        assert "--model.lr_step_perod: lightning_modules.ef_regressor.EFRegressorModule has no argument" in err, err
+    assert len(err.strip().splitlines()) == 1 or case == "FileList with only a header", err
 
 
 def test_videos_under_another_extension_get_a_hint(inputs, monkeypatch, capsys):
