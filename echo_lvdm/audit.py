@@ -183,6 +183,12 @@ def report(summary: dict, args: argparse.Namespace) -> str:
                   f"at most {promised['mean_at_most']:.3f} on average (nominal {promised['nominal']:.3f}; 90 % interval "
                   f"{promised['interval_90'][0]:.3f}–{promised['interval_90'][1]:.3f}) — few calibration videos make "
                   "its promise loose.", ""]
+        if "chance_over_floor" in promised:
+            lines += [f"Power of the false-flag check: a filter keeping that promise shows more than "
+                      f"{summary['floors']['max_false_flags']:g} on {promised['heldout_videos']} held-out videos "
+                      f"with chance {promised['chance_over_floor']:.2f}"
+                      + (" — too few videos (calibration or held-out) to tell a good τ from a bad one."
+                         if promised["chance_over_floor"] > 0.1 else "."), ""]
     floors = summary["floors"]
     lines += [f"Floors: every single transform ≥ {floors['single']:g}, combined ≥ {floors['combined']:g}, held-out "
               f"false flags ≤ {floors['max_false_flags']:g}.", "", "Per-canary scores: `audit_scores.csv`.", "",

@@ -180,7 +180,8 @@ class AuditResult:
         if self.calibration is not None:
             promised = promised_false_flags(int(self.calibration["heldout_videos"]),
                                             float(self.calibration["quantile"]),
-                                            self.calibration.get("rule", "linear"))
+                                            self.calibration.get("rule", "linear"), heldout=len(heldout),
+                                            max_false_flags=max_false_flags)
         failures = []
         if single and min(single) < floor:
             worst = min((entry for entry in recall.values() if entry["kind"] != COMBINED), key=lambda e: e["recall"])
@@ -189,7 +190,10 @@ class AuditResult:
             failures.append(f"combined recall {min(combined):.2f} < {combined_floor:g}")
         recall_passed = not failures  # the privacy question: are near-copies caught?
         if len(heldout) and false_flags["rate"] > max_false_flags:
-            failures.append(f"held-out false flags {false_flags['rate']:.2f} > {max_false_flags:g}")
+            chance = (promised or {}).get("chance_over_floor")
+            by_chance = (f" (a τ that keeps its promise shows this on {len(heldout)} videos with chance "
+                         f"{chance:.2f})" if chance is not None else "")
+            failures.append(f"held-out false flags {false_flags['rate']:.2f} > {max_false_flags:g}{by_chance}")
         return {"passed": not failures, "recall_passed": recall_passed, "failures": failures, "tau": self.tau,
                 "protocol": self.protocol,
                 "calibration": self.calibration, "sources": self.sources, "canaries": len(self.canaries),
@@ -209,22 +213,44 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def promised_false_flags(n: int, quantile: float, rule: str = "conformal", draws: int = 200_000) -> dict[str, Any]:
+def promised_false_flags(n: int, quantile: float, rule: str = "conformal", draws: int = 200_000, *,
+                         heldout: int = 0, max_false_flags: float | None = None) -> dict[str, Any]:
     """What a τ at ``quantile`` of ``n`` held-out scores promises for a new real video of the same kind.
 
     For exchangeable scores the chance that a new one exceeds the k-th smallest of n is Beta(n + 1 − k, k)-distributed
     with mean (n + 1 − k)/(n + 1). The conformal τ is the k-th, k = ⌈(n + 1)q⌉; the linear one interpolates above the
     k-th, k = ⌊q(n − 1)⌋ + 1, so that Beta bounds it from above. Returns the mean and a 90 % interval (seeded Monte
     Carlo): with n = 18 and q = 0.95 the linear τ promises up to 0.105 on average, not 0.05.
+
+    With ``heldout`` videos and a floor ``max_false_flags``, also ``chance_over_floor``: how often a filter that keeps
+    this promise still shows more than the floor on that many videos (at most, for the linear τ) — the power of the
+    false-flag check. With 18 calibration and 18 held-out videos at q 0.95 it is 0.24: one run in four fails the 0.10
+    floor by chance; with 36 and 36, 0.06.
     """
     if rule == "conformal":
         k = min(n, math.ceil((n + 1) * quantile - 1e-9))
     else:
         k = min(n, math.floor(quantile * (n - 1)) + 1)
     samples = np.random.default_rng(0).beta(n + 1 - k, k, size=draws) if n > 0 else np.array([math.nan])
-    return {"calibration_videos": n, "quantile": quantile, "rule": rule, "nominal": 1.0 - quantile,
-            "mean_at_most": (n + 1 - k) / (n + 1) if n > 0 else math.nan,
-            "interval_90": [float(np.quantile(samples, 0.05)), float(np.quantile(samples, 0.95))]}
+    promise = {"calibration_videos": n, "quantile": quantile, "rule": rule, "nominal": 1.0 - quantile,
+               "mean_at_most": (n + 1 - k) / (n + 1) if n > 0 else math.nan,
+               "interval_90": [float(np.quantile(samples, 0.05)), float(np.quantile(samples, 0.95))]}
+    if heldout > 0 and max_false_flags is not None and n > 0:
+        promise["heldout_videos"] = heldout
+        promise["chance_over_floor"] = beta_binomial_tail(heldout, n + 1 - k, k, math.floor(max_false_flags * heldout
+                                                                                              + 1e-9) + 1)
+    return promise
+
+
+def beta_binomial_tail(trials: int, a: float, b: float, at_least: int) -> float:
+    """P(K ≥ ``at_least``) for K ~ BetaBinomial(``trials``, a, b): flags among ``trials`` new videos when each is
+    flagged with a Beta(a, b)-distributed chance (the same for all, as one τ serves them all)."""
+    def log_beta(x: float, y: float) -> float:
+        return math.lgamma(x) + math.lgamma(y) - math.lgamma(x + y)
+
+    return float(sum(math.exp(math.lgamma(trials + 1) - math.lgamma(j + 1) - math.lgamma(trials - j + 1)
+                              + log_beta(j + a, trials - j + b) - log_beta(a, b))
+                     for j in range(max(0, at_least), trials + 1)))
 
 
 def run_audit(encoder, reid, bank, tau: float, protocol: Protocol, train_records: Sequence, *,

@@ -24,6 +24,7 @@ from lightning_modules.privacy_audit import (
     canary_sources,
     canary_start,
     make_canary,
+    promised_false_flags,
     protocol_step,
     write_canary,
 )
@@ -121,6 +122,22 @@ def test_audit_recall_equals_a_brute_force_recount_and_an_untrained_reid_fails(p
         caught = sum(recount[(name, n)][0] > planted.tau for n in range(SOURCES))
         assert entry["flagged"] == caught and entry["recall"] == caught / SOURCES
     assert (tmp_path / "audit" / "figures" / "audit.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("calibration", "heldout"), [(18, 18), (36, 36), (72, 72)])
+def test_the_false_flag_checks_power_equals_a_simulation_of_exchangeable_videos(calibration, heldout):
+    """How often a τ that keeps its promise still shows more than 0.10 false flags: draw calibration and held-out
+    scores of one distribution, set the conformal τ, count — the audit's closed form must agree."""
+    rng = np.random.default_rng(0)
+    runs = 40_000
+    calibration_scores = np.sort(rng.random((runs, calibration)), axis=1)
+    k = min(calibration, int(np.ceil((calibration + 1) * 0.95 - 1e-9)))
+    tau = calibration_scores[:, k - 1]
+    rate = (rng.random((runs, heldout)) > tau[:, None]).mean(axis=1)
+    simulated = float((rate > 0.10 + 1e-12).mean())
+    promise = promised_false_flags(calibration, 0.95, heldout=heldout, max_false_flags=0.10, draws=1000)
+    assert promise["chance_over_floor"] == pytest.approx(simulated, abs=0.006)
+    assert promise["mean_at_most"] == pytest.approx(rate.mean(), abs=0.002)
 
 
 def test_no_canary_outlives_a_killed_audit(planted, tmp_path):
