@@ -41,13 +41,17 @@ class OneLineParser(LightningArgumentParser):
         raise UserInputError(one_line(message, parser.prog.replace(" [options]", ""), self._args)) from None
 
 
+def config_paths(args: Sequence[str]) -> list[str]:
+    """The ``--config`` / ``-c`` files among command-line ``args``, in order."""
+    args = list(args)
+    return [value for flag, value in zip(args, args[1:]) if flag in ("--config", "-c")] + \
+        [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+
+
 def configs_setting(key: str, args: Sequence[str]) -> list[str]:
     """The ``--config`` files among ``args`` whose YAML sets the dotted ``key``."""
-    args = list(args)
-    paths = [value for flag, value in zip(args, args[1:]) if flag in ("--config", "-c")]
-    paths += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
     found = []
-    for path in paths:
+    for path in config_paths(args):
         try:
             node = read_yaml(path)
         except (OSError, UserInputError):

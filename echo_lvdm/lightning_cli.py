@@ -35,7 +35,7 @@ from callbacks.config_logging import LoggerSaveConfigCallback
 from datamodules import EchoNetDataModule
 from datamodules.errors import UserInputError, read_yaml
 from echo_lvdm import resume
-from echo_lvdm.cli_errors import OneLineParser
+from echo_lvdm.cli_errors import OneLineParser, config_paths
 
 # A logger's save_dir left at this value is replaced by trainer.default_root_dir before the logger is built.
 DEFAULT_ROOT_DIR = "${trainer.default_root_dir}"
@@ -149,8 +149,7 @@ def overlay_without_model(args: Sequence[str]) -> str | None:
     such as ``lvdm_quickstart.yaml`` given without the model config it changes. Returns what to say, or None.
     (LightningCLI would report it as a LightningModule that does not accept the overlay's arguments.)"""
     args = list(args)
-    paths = [Path(value) for flag, value in zip(args, args[1:]) if flag in ("--config", "-c")]
-    paths += [Path(arg.split("=", 1)[1]) for arg in args if arg.startswith("--config=")]
+    paths = [Path(path) for path in config_paths(args)]
     contents = [(path, read_yaml(path) or {}) for path in paths if path.is_file()]  # malformed YAML: names the file
     if any(arg == "--model" or arg.startswith(("--model=", "--model.class_path")) for arg in args):
         return None
