@@ -4,6 +4,7 @@ and, in image mode, the anatomy model that generates reference frames (its LIDM)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Literal
 
 import lightning as L
@@ -18,8 +19,10 @@ from lightning_modules.checkpoints import load_module
 from lightning_modules.metrics import IndexedCat
 from datamodules.sampler import global_seed
 from lightning_modules.components.ef_conditioning import EFConditioner
-from lightning_modules.diffusion_sampling import SAMPLERS, blend_windows, denoising_loop, make_sampler
+from lightning_modules.diffusion_sampling import (SAMPLERS, blend_windows, denoising_loop, guided_prediction,
+                                                  make_sampler)
 from lightning_modules.ema import DenoiserEMA
+from lightning_modules.joint_sampling import JointSchedule, check_joint_models, frame_prediction, latent_space_of
 
 __all__ = ["VideoDiffusionModule"]
 
@@ -132,6 +135,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         self.register_buffer("train_fps", torch.tensor(0.0))
         self.register_buffer("latent_shape", torch.zeros(3, dtype=torch.long))
         self.val_losses, self.test_losses = IndexedCat(("loss",)), IndexedCat(("loss",))
+        # The VAE and scale of the latents it learns (joint sampling checks that two models share them).
+        self.latent_space: dict | None = None
 
     # ------------------------------------------------------------------------------------------------ network
     def denoise(self, noisy: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor,
@@ -241,6 +246,17 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
                                  num_training_steps=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def on_fit_start(self) -> None:
+        self.latent_space = latent_space_of(getattr(self.trainer, "datamodule", None)) or self.latent_space
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["latent_space"] = self.latent_space
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.latent_space = checkpoint.get("latent_space")  # None in checkpoints written before it was recorded
+
     # ---------------------------------------------------------------------------------------------------- EMA
     def denoiser_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The averaged parameters (state-dict names): the UNet's, then the EF conditioner's."""
@@ -280,6 +296,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         window: int | None = None,
         overlap: int | None = None,
         guide_reference: bool = False,
+        image_model: VideoDiffusionModule | None = None,
+        joint: JointSchedule | dict | str | None = None,
     ) -> torch.Tensor:
         """Generate latents ``(B, T, C, h, w)``, scaled like the training data (decode with the VAE).
 
@@ -292,6 +310,12 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         ``guide_reference``); 1 = no guidance. ``generator``: one for the batch, or a list with one per sample (each
         video's noise then depends on its own generator only, whatever else is in the batch). Runs in eval mode with
         EMA weights; the previous state is restored.
+
+        Joint image-and-video sampling (JVID): with ``image_model`` (an image-mode model in the same latent space and
+        noise schedule, checked) and ``joint`` (a :class:`~lightning_modules.joint_sampling.JointSchedule` or its
+        mapping / ``"every=2"`` text), the steps the schedule selects are taken by the image model denoising every
+        frame on its own — frames folded into the batch, ``window`` frames of each video at a time, at the same EF,
+        without the reference, under its own guidance (``joint.guidance_scale``, default its ``guidance_scale``).
         """
         hp = self.hparams
         steps, guidance = steps or hp.sampling_steps, hp.guidance_scale if guidance_scale is None else guidance_scale
@@ -303,6 +327,12 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             num_frames = 1
         elif hp.reference_conditioning and reference is None and hp.reference_dropout == 0.0:
             raise ValueError("this model always saw a reference frame in training (reference_dropout 0): pass one")
+        schedule = JointSchedule.parse(joint)
+        if schedule not in (None, JointSchedule()) and image_model is None:
+            raise ValueError("a joint schedule needs image_model (the image-mode model that takes its steps)")
+        if image_model is not None:
+            check_joint_models(self, image_model)
+            schedule = schedule or JointSchedule()
         if ef is not None:
             ef = torch.as_tensor(ef, dtype=torch.float32, device=self.device).reshape(-1)
         count = batch_size or (len(reference) if reference is not None else None) or (len(ef) if ef is not None else 0)
@@ -316,35 +346,19 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         num_frames = num_frames or int(self.train_num_frames)
         window = window or int(self.train_num_frames)
         overlap = window // 2 if overlap is None else overlap
-        fps_tensor = torch.full((count,), float(fps or self.train_fps), device=self.device)
-        tokens = self.conditioner(ef if hp.ef_conditioning else None, batch_size=count)
-        null_tokens = self.conditioner(None, batch_size=count)
         if reference is not None:
             reference = reference.to(self.device, self.dtype)
-        unguided_reference = None if guide_reference else reference
-        use_guidance = guidance != 1.0 and (ef is not None and hp.ef_conditioning or guide_reference)
-
-        def window_prediction(timestep: torch.Tensor):
-            def predict(noisy: torch.Tensor) -> torch.Tensor:
-                conditional = self.denoise(noisy, timestep, tokens, reference, fps_tensor)
-                if not use_guidance:
-                    return conditional
-                unconditional = self.denoise(noisy, timestep, null_tokens, unguided_reference, fps_tensor)
-                return unconditional + guidance * (conditional - unconditional)
-            return predict
-
+        predict = guided_prediction(self, ef, reference, count, float(fps or self.train_fps), guidance, guide_reference)
+        image_output = image_steps = None
+        if schedule is not None:
+            image_steps = schedule.image_steps(steps)
+            image_output = frame_prediction(image_model, ef, schedule.guidance_scale, window)
         shape = (count, num_frames, *self.latent_shape.tolist())
-        was_training, swapped_here = self.training, self._raw_weights is None  # a callback may sample in validation
-        self.eval()
-        self.swap_in_ema()
-        try:
+        with self.sampling_weights(), (image_model.sampling_weights() if image_model is not None else nullcontext()):
             return denoising_loop(make_sampler(scheduler or hp.sampler, self.noise_scheduler.config),
-                                  lambda x, t: blend_windows(window_prediction(t), x, window, overlap), shape, steps,
-                                  generator=generator, device=self.device, dtype=self.dtype)
-        finally:
-            if swapped_here:
-                self.swap_out_ema()
-            self.train(was_training)
+                                  lambda x, t: blend_windows(predict(t), x, window, overlap), shape, steps,
+                                  generator=generator, device=self.device, dtype=self.dtype,
+                                  image_output=image_output, image_steps=image_steps)
 
     # ---------------------------------------------------------------------------------------------- predict
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:

@@ -3,7 +3,7 @@ training schedule, overlapping-window blending for videos longer than the traini
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
@@ -73,20 +73,61 @@ def blend_windows(denoise: Callable[[torch.Tensor], torch.Tensor], latents: torc
 def denoising_loop(sampler: SchedulerMixin, model_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                    shape: tuple[int, ...], steps: int, *,
                    generator: torch.Generator | list[torch.Generator] | None = None,
-                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                   image_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                   image_steps: Sequence[bool] | None = None) -> torch.Tensor:
     """Run ``sampler`` for ``steps`` steps from Gaussian noise of ``shape``: the standard diffusers loop
     (``init_noise_sigma``, ``scale_model_input``, ``step``); ``model_output(x, t)`` is the network's prediction in the
     sampler's ``prediction_type``. Noise comes from ``generator`` (reproducible on any device; a list gives each batch
-    item its own)."""
+    item its own).
+
+    Joint sampling: where ``image_steps[i]`` is True, step i takes ``image_output(x, t)`` instead (another model's
+    prediction under the same schedule). A multistep sampler (DPM-Solver++) takes a first-order step wherever the
+    model changes, so no update mixes the two models' predictions (:mod:`lightning_modules.joint_sampling`).
+    """
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
     sampler.set_timesteps(steps, device=device)
+    schedule = [False] * len(sampler.timesteps) if image_steps is None else [bool(step) for step in image_steps]
+    if len(schedule) != len(sampler.timesteps):
+        raise ValueError(f"image_steps has {len(schedule)} entries for {len(sampler.timesteps)} sampling steps")
+    if any(schedule) and image_output is None:
+        raise ValueError("image_steps selects steps but no image_output was given")
     latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
     latents = latents * sampler.init_noise_sigma
-    for timestep in sampler.timesteps:
-        prediction = model_output(sampler.scale_model_input(latents, timestep), timestep)
+    previous = schedule[0]
+    for timestep, image_step in zip(sampler.timesteps, schedule):
+        if image_step != previous and hasattr(sampler, "lower_order_nums"):
+            sampler.lower_order_nums = 0  # the stored previous prediction is the other model's
+        previous = image_step
+        predict = image_output if image_step else model_output
+        prediction = predict(sampler.scale_model_input(latents, timestep), timestep)
         latents = sampler.step(prediction, timestep, latents, generator=generator).prev_sample
     return latents
+
+
+def guided_prediction(model, ef: torch.Tensor | None, reference: torch.Tensor | None, count: int, fps: float,
+                      guidance: float, guide_reference: bool = False) -> Callable:
+    """``prediction(t)(noisy)``: a :class:`~lightning_modules.diffusion.VideoDiffusionModule`'s prediction for
+    ``count`` samples at EF ``ef`` (None: the null token) on ``reference`` frames at ``fps``, guided ``u + g (c − u)``
+    with u the null-EF prediction (also without reference when ``guide_reference``) unless g = 1 or nothing is
+    conditioned."""
+    hp = model.hparams
+    fps_tensor = torch.full((count,), fps, device=model.device)
+    tokens = model.conditioner(ef if hp.ef_conditioning else None, batch_size=count)
+    null_tokens = model.conditioner(None, batch_size=count)
+    unguided_reference = None if guide_reference else reference
+    use_guidance = guidance != 1.0 and (ef is not None and hp.ef_conditioning or guide_reference)
+
+    def at(timestep: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def predict(noisy: torch.Tensor) -> torch.Tensor:
+            conditional = model.denoise(noisy, timestep, tokens, reference, fps_tensor)
+            if not use_guidance:
+                return conditional
+            unconditional = model.denoise(noisy, timestep, null_tokens, unguided_reference, fps_tensor)
+            return unconditional + guidance * (conditional - unconditional)
+        return predict
+    return at
 
 
 _ANATOMY_STREAM = 0x5EED  # a reference frame's noise differs from its video's

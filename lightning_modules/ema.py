@@ -9,6 +9,8 @@ a checkpoint saved while the EMA is swapped in still holds the trained weights.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -48,6 +50,20 @@ class DenoiserEMA:
                 for parameter, raw in zip(self.denoiser_parameters(), self._raw_weights):
                     parameter.copy_(raw)
             self._raw_weights = None
+
+    @contextmanager
+    def sampling_weights(self):
+        """Eval mode with the EMA weights swapped in, the previous state restored on exit (a callback may sample
+        during validation, when they are already in)."""
+        was_training, swapped_here = self.training, self._raw_weights is None
+        self.eval()
+        self.swap_in_ema()
+        try:
+            yield self
+        finally:
+            if swapped_here:
+                self.swap_out_ema()
+            self.train(was_training)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._raw_weights is not None:  # saved mid-validation (e.g. on an exception): keep the trained weights

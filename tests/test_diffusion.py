@@ -13,6 +13,7 @@ import torch
 from callbacks.checkpoint import Checkpoint
 from callbacks.latent_cache import LatentCacheWriter
 from datamodules.datamodule import EchoNetDataModule
+from datamodules.latents import read_meta
 from lightning_modules.diffusion import VideoDiffusionModule
 from lightning_modules.diffusion_sampling import blend_windows, denoising_loop, make_sampler, window_starts
 from lightning_modules.vae import VAEModule
@@ -271,6 +272,9 @@ def test_ema_differs_validates_and_is_restored_on_resume(latent_phantom, tmp_pat
     loaded = VideoDiffusionModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", map_location="cpu",
                                                        weights_only=True)
     assert all(torch.equal(a, b) for a, b in zip(loaded.ema.shadow_params, saved["ema"]["shadow_params"]))
+    # ... and the latent space it learned, which joint sampling checks: the cache's VAE at the cache's scale.
+    meta = read_meta(next(latent_phantom[1].glob("*.safetensors")))
+    assert loaded.latent_space == module.latent_space == {"vae_checksum": meta.vae_checksum, "scaling_factor": 1.0}
     assert ema_differences(loaded) > 1e-4
     # Fine-tuning the loaded model with a new Trainer (global_step from 0) keeps updating its EMA every step.
     quiet_trainer(tmp_path, max_steps=2, enable_checkpointing=False, num_sanity_val_steps=0,
