@@ -38,6 +38,7 @@ from lightning_modules.calibration import calibrate
 from lightning_modules.diffusion import load_diffusion
 from lightning_modules.diffusion_sampling import SAMPLERS, anatomy_references, generate_requested
 from lightning_modules.image_logging import log_image, to_uint8
+from lightning_modules.joint_sampling import JointSchedule
 from lightning_modules.protocols import Protocol
 from lightning_modules.reid import load_reid
 from lightning_modules.reid_embeddings import EncodedReID, embed_split
@@ -92,6 +93,9 @@ class CoverageCallback(L.Callback):
             ``ef_range``, ``seed``; default uniform EF 10–90, seed 0, as configs/generate.yaml).
         every_n_validations, steps, sampler, guidance_scale: when and how to sample (None: the model's defaults;
             with an anatomy model, they apply to the video model: its frames are sampled as the writer samples them).
+        joint: joint image-and-video sampling of the video model (JVID; :class:`~lightning_modules.joint_sampling.
+            JointSchedule` settings such as ``{every: 2}``; None: the video model alone), as the writer samples with
+            the same settings. image_model: the image-mode checkpoint taking those steps (None: ``anatomy``).
         quantile: of τ. seed: noise seed when animating real frames. k: neighbours of density and PRDC coverage.
         batch_size: requests sampled together. cache_dir: embedding cache (None: under the first logger's
             directory, else the trainer's ``default_root_dir``, ``reid_cache/``).
@@ -101,15 +105,20 @@ class CoverageCallback(L.Callback):
                  anatomy: str | None = None, protocol: str | None = None, num_samples: int = 64,
                  requests: dict | GenerationRequests | None = None, every_n_validations: int = 1, steps: int | None = None,
                  sampler: str | None = None, guidance_scale: float | None = None, quantile: float | None = None,
-                 seed: int = 0, k: int = 5, batch_size: int = 8, cache_dir: str | None = None) -> None:
+                 seed: int = 0, k: int = 5, batch_size: int = 8, cache_dir: str | None = None,
+                 joint: dict | str | None = None, image_model: str | None = None) -> None:
         if min(every_n_validations, steps or 1, k, num_samples, batch_size) < 1:
             raise ValueError("CoverageCallback: every_n_validations, steps, k, num_samples and batch_size must be ≥ 1, "
                              f"got {every_n_validations}, {steps}, {k}, {num_samples}, {batch_size}")
         if sampler is not None and sampler not in SAMPLERS:
             raise ValueError(f"CoverageCallback: sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        for name, path in (("reid", reid), ("ef_regressor", ef_regressor), ("anatomy", anatomy)):
+        for name, path in (("reid", reid), ("ef_regressor", ef_regressor), ("anatomy", anatomy),
+                           ("image_model", image_model)):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"CoverageCallback: {name} checkpoint {path} not found")
+        self.joint = JointSchedule.parse(joint)
+        self.joint = None if self.joint == JointSchedule() else self.joint
+        self.image_model_path = None if image_model is None else Path(image_model)
         self.reid_path, self.ef_path = Path(reid), None if ef_regressor is None else Path(ef_regressor)
         self.anatomy_path = None if anatomy is None else Path(anatomy)
         self.vae_path, self.ef_size = None if vae is None else Path(vae), ef_size
@@ -120,7 +129,7 @@ class CoverageCallback(L.Callback):
         self.sampler, self.guidance_scale, self.quantile, self.seed, self.k = sampler, guidance_scale, quantile, seed, k
         self.batch_size, self.cache_dir = batch_size, None if cache_dir is None else Path(cache_dir)
         self.validations = 0  # finished validations of fits, sanity check excluded (saved with the checkpoint)
-        self.reid = self.regressor = self.vae = self.anatomy = None
+        self.reid = self.regressor = self.vae = self.anatomy = self.image_model = None
         self._mode: str | None = None  # decided in setup, from the model being fitted
         self.protocol: Protocol | None = None
         self.bank = self.heldout = self.calibration = None  # per fit: the training and validation splits, τ
@@ -169,7 +178,17 @@ class CoverageCallback(L.Callback):
                 raise ValueError(f"CoverageCallback: anatomy {self.anatomy_path} makes "
                                  f"{self.anatomy.hparams.latent_channels}-channel latents, the video model "
                                  f"{hp.latent_channels}")
-        for model in (self.reid, self.regressor, self.vae, self.anatomy):
+        if self.joint is not None:
+            if hp.mode == "image":
+                raise ValueError("CoverageCallback: joint sampling is for video models; an anatomy fit samples frames")
+            if self.image_model_path not in (None, self.anatomy_path):
+                self.image_model = load_diffusion(self.image_model_path, mode="image", map_location=device)
+            else:
+                self.image_model = self.anatomy
+            if self.image_model is None:
+                raise ValueError("CoverageCallback: joint sampling needs an image model: give image_model: "
+                                 "<image-mode checkpoint> (or anatomy:, which it defaults to)")
+        for model in (self.reid, self.regressor, self.vae, self.anatomy, self.image_model):
             if model is not None:
                 model.to(device)
         self.bank = None  # the training split may differ between fits: embed it again (from the cache when unchanged)
@@ -246,11 +265,17 @@ class CoverageCallback(L.Callback):
         generators = [torch.Generator().manual_seed(self.seed * 1_000_003 + int(i)) for i in index.tolist()]
         reference = real[:, 0] if pl_module.hparams.reference_conditioning else None
         latents = pl_module.sample(ef=ef, reference=reference, num_frames=self._length(real.shape[1]),
-                                   steps=self.steps, scheduler=self.sampler, guidance_scale=self.guidance_scale,
-                                   generator=generators)
+                                   generator=generators, **self._options())
         rows = torch.searchsorted(self.heldout.index.to(index.device), index)
         source = self.heldout.embedding.to(index.device)[rows]  # the source videos, under the protocol
         self.measures.update(index, self._embed(latents, index), source, ef, self._read_ef(latents))
+
+    def _options(self) -> dict:
+        """The model's sampling options (the anatomy fit's too: there joint sampling is refused)."""
+        options = dict(steps=self.steps, scheduler=self.sampler, guidance_scale=self.guidance_scale)
+        if self.joint is not None:
+            options.update(image_model=self.image_model, joint=self.joint)
+        return options
 
     def _length(self, default: int) -> int:
         return self.protocol.length if self.protocol.kind == "clip" else default
@@ -278,7 +303,7 @@ class CoverageCallback(L.Callback):
     def _sample_requests(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """This rank's share of the requests (r, r + W, …), sampled and measured."""
         mine = list(range(trainer.global_rank, self.num_samples, trainer.world_size))
-        options = dict(steps=self.steps, scheduler=self.sampler, guidance_scale=self.guidance_scale)
+        options = self._options()
         if self.mode == "synthetic":
             options["num_frames"] = self._length(int(pl_module.train_num_frames))
         for start in range(0, len(mine), self.batch_size):

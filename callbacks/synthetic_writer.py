@@ -52,6 +52,7 @@ from datamodules.dataset import to_model_range
 from datamodules.requests import GenerationRequests
 from datamodules.video_io import atomic_output, read_video, write_video
 from lightning_modules.diffusion_sampling import anatomy_references
+from lightning_modules.joint_sampling import JointSchedule
 
 AUDIT_COLUMNS = ("Attempt", "FileName", "Split", "EF", "Seed", "Score", "Tau", "TauProtocol", "Decision",
                  "FrameHeight", "FrameWidth", "NumberOfFrames")
@@ -75,6 +76,9 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         splits: fractions of kept videos per Split label, assigned by a seeded shuffle.
         num_frames, steps, sampler, guidance_scale: sampling options (None: the model's training clip length and
             defaults). fps: FPS written (None: the model's training frame rate).
+        joint: joint image-and-video sampling (JVID) — the steps an image model takes, as
+            :class:`~lightning_modules.joint_sampling.JointSchedule` settings (``{every: 2}``, ``{end: 0.2}``, …);
+            None: the video model alone. image_model: the image-mode checkpoint that takes them (None: ``anatomy``).
         cache_dir: where the training split's re-ID embeddings are cached (None: the trainer's default_root_dir
             under ``reid_cache/``; never inside ``out``: they derive from patient videos).
         prefix: video name prefix.
@@ -94,7 +98,8 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                  splits: dict[str, float] | None = None, num_frames: int | None = None, steps: int | None = None,
                  sampler: str | None = None, guidance_scale: float | None = None, fps: float | None = None,
                  cache_dir: str | None = None, prefix: str = "synthetic", audit: str = "refuse",
-                 audit_sources: int = 24, audit_floors: dict[str, float] | None = None) -> None:
+                 audit_sources: int = 24, audit_floors: dict[str, float] | None = None,
+                 joint: dict | str | None = None, image_model: str | None = None) -> None:
         super().__init__(write_interval="batch")
         if num_videos < 1:
             raise ValueError(f"SyntheticDatasetWriter: num_videos must be ≥ 1, got {num_videos}")
@@ -104,15 +109,24 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         splits = {"TRAIN": 0.75, "VAL": 0.125, "TEST": 0.125} if splits is None else dict(splits)
         if any(value < 0 for value in splits.values()) or abs(sum(splits.values()) - 1.0) > 1e-6:
             raise ValueError(f"SyntheticDatasetWriter: split fractions must be ≥ 0 and sum to 1, got {splits}")
-        for name, path in (("reid", reid), ("anatomy", anatomy)):
+        for name, path in (("reid", reid), ("anatomy", anatomy), ("image_model", image_model)):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"SyntheticDatasetWriter: {name} checkpoint {path} not found")
+        self.joint = JointSchedule.parse(joint)
+        if self.joint == JointSchedule():
+            self.joint = None
+        if self.joint is not None and image_model is None and anatomy is None:
+            raise ValueError("SyntheticDatasetWriter: joint sampling needs an image model: give image_model: "
+                             "<image-mode checkpoint> (or anatomy:, which it defaults to)")
+        self.image_model_path = image_model
         self.out, self.num_videos, self.unfiltered = Path(out), num_videos, unfiltered
         self.reid_path = None if reid is None else Path(reid)
         self.vae_path, self.anatomy_path = vae, anatomy
         self.splits, self.prefix, self.fps = splits, prefix, fps
         self.sampling = {key: value for key, value in dict(num_frames=num_frames, steps=steps, scheduler=sampler,
                                                              guidance_scale=guidance_scale).items() if value is not None}
+        if self.joint is not None:
+            self.sampling["joint"] = self.joint.describe()
         self.cache_dir = cache_dir
         if audit not in ("refuse", "record", "off"):
             raise ValueError(f"SyntheticDatasetWriter: audit must be 'refuse', 'record' or 'off', got {audit!r}")
@@ -126,6 +140,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         self.audit_summary: dict[str, Any] | None = None
         self.real = None
         self.reid = self.vae = self.anatomy = self.encoder = self.bank = self.calibration = self.protocol = None
+        self.image_model = None
         self.tau = float("nan")
         self.rows: dict[int, dict[str, Any]] = {}  # attempt → audit row
         self.split_plan: list[str] = []
@@ -150,6 +165,8 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         datamodule = trainer.datamodule
         self.fps = float(self.fps or pl_module.train_fps)
         pl_module.predict_options = dict(self.sampling)
+        if self.joint is not None:
+            pl_module.predict_options["image_model"] = self.image_model
         self.num_frames = int(self.sampling.get("num_frames") or pl_module.train_num_frames)
         if self.reid is not None:
             self.bank = self._privacy_bank(trainer, datamodule)
@@ -190,6 +207,9 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                 raise ValueError("SyntheticDatasetWriter: the video model always saw a reference frame in training; "
                                  "give anatomy: <image-mode checkpoint> for its reference frames")
             rank_zero_warn("SyntheticDatasetWriter: no anatomy model; sampling in the model's no-reference mode")
+        if self.joint is not None and self.image_model is None:
+            self.image_model = self.anatomy if self.image_model_path in (None, self.anatomy_path) else \
+                load_diffusion(self.image_model_path, mode="image", map_location=device)
 
     def _privacy_bank(self, trainer: L.Trainer, datamodule) -> Any:
         """The real training videos embedded under the filter's protocol — clips of ``num_frames`` at the data's
@@ -264,6 +284,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         return {"generator": checksum_of_weights(state),
                 "vae": None if self.vae is None else checksum_of_weights(self.vae),
                 "anatomy": None if self.anatomy is None else checksum_of_weights(self.anatomy.state_dict()),
+                "joint_image_model": None if self.joint is None else checksum_of_weights(self.image_model.state_dict()),
                 "reid": None if self.reid is None else self.reid.weights_checksum(),
                 "tau": None if self.reid is None else self.tau,
                 "tau_protocol": None if self.reid is None else self.protocol.name,

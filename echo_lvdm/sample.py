@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's sampling_steps)")
     parser.add_argument("--sampler", choices=["ddim", "dpm++", "euler", "ddpm"], help="default: the model's")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the model's)")
+    parser.add_argument("--joint", metavar="SCHEDULE",
+                        help="joint image-and-video sampling (JVID): the steps an image model takes, e.g. every=2, "
+                             "start=0.3, end=0.2, probability=0.5,seed=1 (add guidance_scale=G for the image model's)")
+    parser.add_argument("--image-model", type=Path,
+                        help="image-mode checkpoint that takes the --joint steps (default: --anatomy)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8, help="videos sampled together")
     parser.add_argument("--ef-regressor", type=Path, help="EFRegressorModule checkpoint (pixel) to read EF back")
@@ -38,12 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (mp4 files and samples.csv)")
 
 
-def reference_frames(args: argparse.Namespace, efs: list[float], generator: torch.Generator) -> torch.Tensor | None:
+def reference_frames(args: argparse.Namespace, efs: list[float], generator: torch.Generator,
+                     anatomy=None) -> torch.Tensor | None:
     """One scaled reference latent ``(C, h, w)`` per requested EF, stacked; None when neither source is given."""
-    from lightning_modules.diffusion import load_diffusion
-
-    if args.anatomy is not None:
-        anatomy = load_diffusion(args.anatomy, mode="image")
+    if anatomy is not None:
         # Each reference is an anatomy sample at the EF its video will be asked for.
         return torch.cat([anatomy.sample(ef=efs[i:i + args.batch_size], generator=generator)[:, 0]
                           for i in range(0, len(efs), args.batch_size)])
@@ -65,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     from callbacks.video_logging import video_array
     from datamodules.video_io import atomic_output, write_video
     from lightning_modules.checkpoints import load_module
-    from lightning_modules.diffusion import VideoDiffusionModule
+    from datamodules.errors import UserInputError
+    from lightning_modules.diffusion import VideoDiffusionModule, load_diffusion
+    from lightning_modules.joint_sampling import JointSchedule
     from lightning_modules.vae_utils import decode_frames, load_frozen_vae
 
     model = load_module(VideoDiffusionModule, args.checkpoint)
@@ -73,17 +78,29 @@ def run(args: argparse.Namespace) -> int:
         log.error("sample: %s is an image-mode (anatomy) model; pass it as --anatomy", args.checkpoint)
         return 1
     vae = load_frozen_vae(args.vae)
+    anatomy = None if args.anatomy is None else load_diffusion(args.anatomy, mode="image")
+    joint = {}
+    if args.joint is not None or args.image_model is not None:
+        if args.image_model is None and anatomy is None:
+            raise UserInputError("sample: --joint needs an image model: --image-model <image-mode checkpoint> (or "
+                                 "--anatomy, which it defaults to)")
+        try:
+            schedule = JointSchedule.parse(args.joint)
+        except ValueError as error:
+            raise UserInputError(f"sample: --joint {args.joint}: {error}") from None
+        image_model = anatomy if args.image_model is None else load_diffusion(args.image_model, mode="image")
+        joint = dict(image_model=image_model, joint=schedule)
     generator = torch.Generator().manual_seed(args.seed)
     plan = [ef for ef in args.ef for _ in range(args.per_ef)]
     count = len(plan)
-    references = reference_frames(args, plan, generator)
+    references = reference_frames(args, plan, generator, anatomy)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for start in range(0, count, args.batch_size):
         efs = plan[start:start + args.batch_size]
         latents = model.sample(ef=efs, reference=None if references is None else references[start:start + len(efs)],
                                num_frames=args.num_frames, steps=args.steps, scheduler=args.sampler,
-                               guidance_scale=args.guidance_scale, generator=generator)
+                               guidance_scale=args.guidance_scale, generator=generator, **joint)
         pixels = decode_frames(vae, latents).clamp(-1, 1)
         for offset, (ef, video) in enumerate(zip(efs, pixels)):
             name = f"sample_{start + offset:05d}_ef{ef:g}.mp4"

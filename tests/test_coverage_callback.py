@@ -131,11 +131,13 @@ def as_written(world, latents: torch.Tensor) -> torch.Tensor:
         return (vae.encode(stored).latent_dist.mean * scale).unflatten(0, latents.shape[:2])
 
 
-def synthetic_oracle(world, num_samples: int, *, first_frame: bool = False, written: bool = False) -> dict[str, float]:
+def synthetic_oracle(world, num_samples: int, *, first_frame: bool = False, written: bool = False,
+                     joint: str | None = None) -> dict[str, float]:
     """Requests 0 … n − 1 (uniform EF, seed 0), each animated from its anatomy frame (noise seed ^ 0x5EED) with its
     own noise — or, with ``first_frame``, the anatomy model's frames themselves — against the training videos under
     the callback's protocol (4-frame clips; first frames), τ the 0.95-quantile of the validation videos. ``written``:
-    the samples are measured through a video file and the VAE, as ``evaluate`` measures a written dataset."""
+    the samples are measured through a video file and the VAE, as ``evaluate`` measures a written dataset. ``joint``:
+    sampled jointly with the anatomy model as the image model."""
     options = dict(clip_length=1, eval_start="first") if first_frame else {}
     oracle = Oracle(world.reid, split_videos(world, "train", **options)["video"])
     heldout = oracle.embed(split_videos(world, "val", **options)["video"])
@@ -147,7 +149,8 @@ def synthetic_oracle(world, num_samples: int, *, first_frame: bool = False, writ
         synthetic = frames
     else:
         synthetic = world.diffusion.sample(ef=ef, reference=frames[:, 0], num_frames=FRAMES, steps=STEPS,
-                                           generator=[torch.Generator().manual_seed(s) for s in seeds])
+                                           generator=[torch.Generator().manual_seed(s) for s in seeds],
+                                           **({} if joint is None else dict(image_model=world.anatomy, joint=joint)))
     fake = oracle.embed(as_written(world, synthetic) if written else synthetic)
     fake_score, fake_match = oracle.best(fake)
     real_score, real_match = oracle.best(heldout)
@@ -219,6 +222,20 @@ def test_videos_animated_from_anatomy_frames_log_what_an_independent_computation
     assert len(list((tmp_path / "cache").glob("reid-train-*.safetensors"))) == 1
     images = sorted(path.name.split("_step")[0] for path in (tmp_path / "run").rglob("*.png"))
     assert images == ["val_coverage_curve", "val_coverage_scores"]
+
+
+def test_joint_samples_are_measured_as_the_writer_samples_them(world, tmp_path):
+    """``joint: {every: 2}``: the videos measured are the joint samples (anatomy model as image model), so every value
+    equals the oracle of joint samples — which differs from the video model's alone."""
+    callback = CoverageCallback(str(world.reid_ckpt), ef_regressor=str(world.ef_ckpt), anatomy=str(world.lidm_ckpt),
+                                num_samples=7, batch_size=3, steps=STEPS, k=2, cache_dir=str(tmp_path / "cache"),
+                                joint={"every": 2})
+    values = validate(world.diffusion, callback, tmp_path, world.data)
+    expected = synthetic_oracle(world, 7, joint="every=2")
+    for name, value in expected.items():
+        assert values[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    alone = synthetic_oracle(world, 7)
+    assert expected["fd_reid"] != pytest.approx(alone["fd_reid"], rel=1e-2), (expected, alone)
 
 
 def test_an_anatomy_fit_measures_its_own_frames_against_first_frames(world, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightning_modules.vae_utils import decode_frames, load_frozen_vae
+from datamodules.errors import UserInputError
 from datamodules.video_io import probe_video
 from echo_lvdm.main import main
 from lightning_modules.diffusion import VideoDiffusionModule
@@ -79,6 +80,24 @@ def test_sample_takes_reference_frames_from_the_anatomy_model(vae_folder, tmp_pa
     for video, name in zip(expected, ["sample_00000_ef30.mp4", "sample_00001_ef70.mp4"]):
         written = torch.from_numpy(read_video(out / name).astype("float32"))
         assert (written - ((video[:, 0] + 1) * 127.5)).abs().mean() < 4.0  # H.264 of the same frames
+
+    # Joint sampling (JVID): every 2nd step by the image model, which defaults to --anatomy.
+    joint_out = tmp_path / "joint"
+    assert main(["sample", "--checkpoint", str(tmp_path / "lvdm.ckpt"), "--vae", str(vae_folder), "--anatomy",
+                 str(tmp_path / "lidm.ckpt"), "--ef", "30", "70", "--steps", "2", "--seed", "1", "--joint", "every=2",
+                 "--out", str(joint_out)]) == 0
+    generator = torch.Generator().manual_seed(1)
+    references = anatomy.sample(ef=[30.0, 70.0], generator=generator)[:, 0]
+    latents = diffusion.sample(ef=[30.0, 70.0], reference=references, steps=2, generator=generator,
+                               image_model=anatomy, joint="every=2")
+    joint = (decode_frames(load_frozen_vae(vae_folder), latents).clamp(-1, 1)[:, :, 0] + 1) * 127.5
+    for video, plain, name in zip(joint, expected, ["sample_00000_ef30.mp4", "sample_00001_ef70.mp4"]):
+        written = torch.from_numpy(read_video(joint_out / name).astype("float32"))
+        error = (written - video).abs().mean()
+        assert error < 4.0 and error < 0.5 * (written - (plain[:, 0] + 1) * 127.5).abs().mean()
+    with pytest.raises(UserInputError, match="--joint needs an image model"):
+        main(["sample", "--checkpoint", str(tmp_path / "lvdm.ckpt"), "--vae", str(vae_folder), "--ef", "30",
+              "--joint", "every=2", "--out", str(tmp_path / "none")])
 
 
 def test_sample_refuses_an_anatomy_model_as_video_model(vae_folder, tmp_path):  # noqa: F811

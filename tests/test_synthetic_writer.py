@@ -26,11 +26,12 @@ from datamodules.dataset import to_model_range
 from datamodules.requests import GenerationRequests
 from datamodules.video_io import read_video
 from echo_lvdm.main import main
-from lightning_modules.diffusion import VideoDiffusionModule
+from lightning_modules.diffusion import VideoDiffusionModule, load_diffusion
+from lightning_modules.diffusion_sampling import generate_requested
 from lightning_modules.calibration import Calibration, calibrations_path, store_calibration
 from lightning_modules.reid import load_reid
 from lightning_modules.reid_embeddings import EncodedReID
-from lightning_modules.vae_utils import load_frozen_vae
+from lightning_modules.vae_utils import decode_frames, load_frozen_vae
 from tests.helpers.cli import REPO
 from tests.helpers.data import PLANTED_CLIP, read_filelist
 from tests.helpers.models import TINY_DIFFUSION, save_cli_checkpoint
@@ -226,7 +227,7 @@ def cli_world(planted, tmp_path_factory) -> SimpleNamespace:
 
 
 def run_generate(world: SimpleNamespace, out: Path, *, devices: int, num_videos: int, attempts: int,
-                 background: bool = False):
+                 background: bool = False, writer: dict | None = None):
     config = {
         "model": {"class_path": "lightning_modules.diffusion.VideoDiffusionModule"},
         "data": {"root": str(world.real), "predict_split": "requests", "batch_size": 2, "num_workers": 0,
@@ -237,7 +238,7 @@ def run_generate(world: SimpleNamespace, out: Path, *, devices: int, num_videos:
                     "callbacks": [{"class_path": "callbacks.synthetic_writer.SyntheticDatasetWriter", "init_args": {
                         "out": str(out), "num_videos": num_videos, "reid": str(world.reid), "vae": str(world.vae),
                         "anatomy": str(world.anatomy), "steps": STEPS, "cache_dir": str(world.out / "cache"),
-                        "audit": "record", "audit_sources": 2}}]},  # rank 0 audits, every rank records
+                        "audit": "record", "audit_sources": 2, **(writer or {})}}]},  # rank 0 audits, all record
     }
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -253,6 +254,31 @@ def dataset(out: Path) -> tuple[list[dict[str, str]], list[dict[str, str]], dict
     filelist, audit = read_filelist(out), read_rows(out / "audit.csv")
     videos = {path.stem: read_video(path) for path in sorted((out / "Videos").glob("*.avi"))}
     return filelist, audit, videos
+
+
+def test_joint_sampling_writes_the_videos_of_joint_samples(cli_world, tmp_path):
+    """``joint: {every: 2}``: each kept video is its request's joint sample — the anatomy model (the image model by
+    default) taking every 2nd step — not the video model's alone; the setup records the schedule."""
+    out = tmp_path / "joint"
+    result = run_generate(cli_world, out, devices=1, num_videos=3, attempts=12, writer={"joint": {"every": 2}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    setup = json.loads((out / "dataset.json").read_text())["setup"]
+    assert setup["sampling"]["joint"] == "every=2" and setup["joint_image_model"] is not None
+    video, anatomy = load_diffusion(cli_world.video), load_diffusion(cli_world.anatomy, mode="image")
+    kept = [row for row in read_rows(out / "audit.csv") if row["Decision"] == "kept"]
+    requests = GenerationRequests(attempts=12, seed=7)
+    ef = torch.tensor([requests.ef(int(row["Attempt"])) for row in kept])
+    seeds = [requests.noise_seed(int(row["Attempt"])) for row in kept]
+    assert seeds == [int(row["Seed"]) for row in kept]
+    vae = load_frozen_vae(cli_world.vae)
+    options = dict(steps=STEPS, num_frames=FRAMES)
+    joint = decode_frames(vae, generate_requested(video, anatomy, ef, seeds, **options, image_model=anatomy,
+                                                  joint="every=2")).clamp(-1, 1)
+    plain = decode_frames(vae, generate_requested(video, anatomy, ef, seeds, **options)).clamp(-1, 1)
+    for row, expected, alone in zip(kept, joint, plain):
+        written = torch.from_numpy(read_video(out / "Videos" / f"{row['FileName']}.avi").astype("float32"))
+        error = (written - (expected[:, 0] + 1) * 127.5).abs().mean()
+        assert error < 3.0 and error < 0.5 * (written - (alone[:, 0] + 1) * 127.5).abs().mean()
 
 
 @pytest.mark.slow
