@@ -7,7 +7,7 @@ Which samplers allow switching models between steps, and why: DDIM, DDPM and Eul
 from step i to i + 1 reads only the current sample and the current prediction — so a step may come from either model
 with nothing else changed. DPM-Solver++ (2M) is a multistep method: its second-order update combines the current
 data prediction with the previous step's. Across a switch that previous prediction came from the other model, so at
-every step where the model changes the loop takes a first-order step instead (DPM-Solver++(1), which is DDIM), and the
+every step where the model changes the loop takes a first-order step instead (DPM-Solver++(1)), and the
 next step of the same model is second order again (:func:`~lightning_modules.diffusion_sampling.denoising_loop`).
 """
 

@@ -159,8 +159,8 @@ def test_schedules_parse_and_select_the_documented_steps():
     assert JointSchedule.parse("every=1").image_steps(3) == [True] * 3
     assert JointSchedule.parse("every=2,end=0.5,guidance_scale=2").describe() == "every=2,end=0.5,guidance_scale=2"
     assert JointSchedule.parse(None) is None
-    for bad, message in [("every=0", "integer ≥ 1"), ("start=1.5", r"fraction in \[0, 1\]"), ("often=2", "unknown key"),
-                         ("every", "key=value"), ({"every": 2, "bogus": 1}, "unknown key")]:
+    for bad, message in [("every=0", "integer ≥ 1"), ("start=1.5", r"fraction in \[0, 1\]"),
+                         ("often=2", "unknown key"), ("every", "key=value"), ({"every": 2, "bogus": 1}, "unknown key")]:
         with pytest.raises(ValueError, match=message):
             JointSchedule.parse(bad)
 
