@@ -12,8 +12,9 @@ deleted. Kept videos are numbered in attempt order until ``num_videos`` are kept
 Output folder::
 
     Videos/<prefix>_<attempt>.avi   the kept videos (MJPEG, as EchoNet-Dynamic)
-    FileList.csv                    FileName, EF (requested), FrameHeight, FrameWidth, FPS, NumberOfFrames, Split,
-                                    PatientID — rewritten atomically after every batch, only rows whose video exists
+    FileList.csv                    FileName (no extension), EF (requested), ESV and EDV (empty), FrameHeight,
+                                    FrameWidth, FPS, NumberOfFrames, Split (TRAIN / VAL / TEST), PatientID — rewritten
+                                    atomically after every batch, only rows whose video exists
     audit.csv                       every attempt: EF, seed, best score, τ and its protocol, decision (kept /
                                     dropped / surplus) —
                                     scores only, no training file names, so it can be published with the data
@@ -56,7 +57,12 @@ from lightning_modules.joint_sampling import JointSchedule
 
 AUDIT_COLUMNS = ("Attempt", "FileName", "Split", "EF", "Seed", "Score", "Tau", "TauProtocol", "Decision",
                  "FrameHeight", "FrameWidth", "NumberOfFrames")
-FILELIST_COLUMNS = ("FileName", "EF", "FrameHeight", "FrameWidth", "FPS", "NumberOfFrames", "Split", "PatientID")
+# EchoNet-Dynamic's columns in its order (ESV and EDV empty: a synthetic video has an EF, no traced volumes), then ours.
+FILELIST_COLUMNS = ("FileName", "EF", "ESV", "EDV", "FrameHeight", "FrameWidth", "FPS", "NumberOfFrames", "Split",
+                    "PatientID")
+SPLIT_LABELS = ("TRAIN", "VAL", "TEST")
+# EchoNet-Synthetic's loader keeps videos longer than its clip (64 frames at 32 fps in its configs).
+ECHOSYN_MIN_SECONDS = 2.0
 UNFILTERED_NOTE = "NOT_PRIVACY_FILTERED.txt"
 
 
@@ -107,6 +113,11 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             raise ValueError("SyntheticDatasetWriter: no re-ID model, so no privacy filter. Give reid: <re-ID "
                              "checkpoint>, or set unfiltered: true to write a dataset marked as not filtered")
         splits = {"TRAIN": 0.75, "VAL": 0.125, "TEST": 0.125} if splits is None else dict(splits)
+        labels = {str(name).upper() for name in splits}
+        if not labels <= set(SPLIT_LABELS) or len(labels) != len(splits):
+            raise ValueError(f"SyntheticDatasetWriter: splits are keyed by {', '.join(SPLIT_LABELS)} (any case, each "
+                             f"once), got {sorted(splits)}")
+        splits = {str(name).upper(): value for name, value in splits.items()}  # the field's loaders match upper case
         if any(value < 0 for value in splits.values()) or abs(sum(splits.values()) - 1.0) > 1e-6:
             raise ValueError(f"SyntheticDatasetWriter: split fractions must be ≥ 0 and sum to 1, got {splits}")
         for name, path in (("reid", reid), ("anatomy", anatomy), ("image_model", image_model)):
@@ -119,6 +130,9 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             raise ValueError("SyntheticDatasetWriter: joint sampling needs an image model: give image_model: "
                              "<image-mode checkpoint> (or anatomy:, which it defaults to)")
         self.image_model_path = image_model
+        if not prefix or any(character in prefix for character in "./\\"):
+            raise ValueError(f"SyntheticDatasetWriter: prefix {prefix!r} must be a plain name without '.' or a path "
+                             "separator (EchoNet's loaders take the FileName up to the first '.' as the video name)")
         self.out, self.num_videos, self.unfiltered = Path(out), num_videos, unfiltered
         self.reid_path = None if reid is None else Path(reid)
         self.vae_path, self.anatomy_path = vae, anatomy
@@ -168,6 +182,10 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         if self.joint is not None:
             pl_module.predict_options["image_model"] = self.image_model
         self.num_frames = int(self.sampling.get("num_frames") or pl_module.train_num_frames)
+        if self.num_frames / self.fps <= ECHOSYN_MIN_SECONDS:
+            rank_zero_warn(f"SyntheticDatasetWriter: {self.num_frames} frames at {self.fps:g} fps last "
+                           f"{self.num_frames / self.fps:.2f} s; EchoNet-Synthetic's loaders keep only videos longer "
+                           f"than their clip ({ECHOSYN_MIN_SECONDS:g} s at its settings: README, synthetic datasets)")
         if self.reid is not None:
             self.bank = self._privacy_bank(trainer, datamodule)
         self.split_plan = split_plan(self.splits, self.num_videos, self.requests.seed)

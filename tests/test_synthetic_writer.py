@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from callbacks.synthetic_writer import UNFILTERED_NOTE, SyntheticDatasetWriter
+from callbacks.synthetic_writer import FILELIST_COLUMNS, UNFILTERED_NOTE, SyntheticDatasetWriter
 from datamodules.datamodule import EchoNetDataModule
 from datamodules.dataset import to_model_range
 from datamodules.requests import GenerationRequests
@@ -34,6 +35,8 @@ from lightning_modules.reid_embeddings import EncodedReID
 from lightning_modules.vae_utils import decode_frames, load_frozen_vae
 from tests.helpers.cli import REPO
 from tests.helpers.data import PLANTED_CLIP, read_filelist
+from tests.helpers.echonet_loaders import (TRACINGS_HEADER, echonet_dynamic_rows, echosyn_dynamic_rows,
+                                          echosyn_echo_rows)
 from tests.helpers.models import TINY_DIFFUSION, save_cli_checkpoint
 from tests.helpers.processes import kill_when
 
@@ -279,6 +282,44 @@ def test_joint_sampling_writes_the_videos_of_joint_samples(cli_world, tmp_path):
         written = torch.from_numpy(read_video(out / "Videos" / f"{row['FileName']}.avi").astype("float32"))
         error = (written - (expected[:, 0] + 1) * 127.5).abs().mean()
         assert error < 3.0 and error < 0.5 * (written - (alone[:, 0] + 1) * 127.5).abs().mean()
+
+
+def test_the_fields_loaders_read_the_written_folder(cli_world, tmp_path):
+    """The row filters of EchoNet-Dynamic's ``Echo``, of the fork EchoNet-Synthetic evaluates with, and of
+    EchoNet-Synthetic's ``Dynamic`` (re-implemented in tests/helpers/echonet_loaders.py) on a folder the writer wrote."""
+    out = cli_world.out / "unsplit"
+    filelist = read_filelist(out)
+    assert list(filelist[0]) == list(FILELIST_COLUMNS) and all(row["ESV"] == row["EDV"] == "" for row in filelist)
+    by_split = {label: sorted(row["FileName"] + ".avi" for row in filelist if row["Split"] == label)
+                for label in ("TRAIN", "VAL", "TEST")}
+    assert all(by_split.values()) and sum(map(len, by_split.values())) == len(filelist) == 24
+    for label, names in by_split.items():
+        assert sorted(echosyn_echo_rows(out, label.lower())) == names  # every video, its split in any case
+        # Dynamic keeps videos longer than its clip: these 4 frames at 12.5 fps (0.32 s) against 3 frames at 12 fps
+        # (0.25 s), not against its configs' 64 frames at 32 fps (2 s).
+        assert sorted(echosyn_dynamic_rows(out, [label], target_nframes=3, target_fps=12)) == names
+        assert echosyn_dynamic_rows(out, [label]) == []
+    # EchoNet-Dynamic's own Echo needs traced volumes (VolumeTracings.csv, 2 frames per video), which a synthetic
+    # video does not have. A header alone would not help: both Echo variants would then keep no video at all.
+    with pytest.raises(FileNotFoundError, match="VolumeTracings.csv"):
+        echonet_dynamic_rows(out, "train")
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "VolumeTracings.csv").write_text(",".join(TRACINGS_HEADER) + "\n")
+    assert echonet_dynamic_rows(copy, "train") == []
+    with pytest.raises(AssertionError, match="No videos found"):
+        echosyn_echo_rows(copy, "train")
+
+
+def test_split_labels_are_upper_case_whatever_the_config_says(tmp_path):
+    writer = SyntheticDatasetWriter(tmp_path / "out", 4, unfiltered=True,
+                                    splits={"train": 0.5, "Val": 0.25, "test": 0.25})
+    assert writer.splits == {"TRAIN": 0.5, "VAL": 0.25, "TEST": 0.25}
+    for bad in ({"train": 0.5, "TRAIN": 0.5}, {"TRAIN": 0.5, "holdout": 0.5}):
+        with pytest.raises(ValueError, match="keyed by TRAIN, VAL, TEST"):
+            SyntheticDatasetWriter(tmp_path / "out", 4, unfiltered=True, splits=bad)
+    with pytest.raises(ValueError, match="plain name"):  # EchoNet-Synthetic cuts the FileName at its first '.'
+        SyntheticDatasetWriter(tmp_path / "out", 4, unfiltered=True, prefix="synthetic.v1")
 
 
 @pytest.mark.slow
