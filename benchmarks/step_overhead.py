@@ -3,13 +3,15 @@
 Both sides start from copies of one ``VideoDiffusionModule`` (``mode="video"``, reference conditioning, EMA) and
 read the same synthetic latent batch ``(B, T, 4, size, size)`` from DataLoaders over the same data. The Lightning
 side is ``Trainer.fit`` (no logger, checkpointing, progress bar or summary); the bare side does by hand what
-``VideoDiffusionModule._shared_step`` does in training — noise, timesteps, guidance dropout, reference frame,
-``add_noise``, v target, UNet, MSE — then ``zero_grad``, ``backward``, AdamW ``step``, the LR schedule and the EMA step.
+``VideoDiffusionModule._shared_step`` does in training — the per-item draws (noise, timestep, reference frame and
+guidance-dropout coins from each item's own (seed, epoch, index) generator: the module's ``_train_draws``, as the
+module itself calls it), ``add_noise``, v target, UNet, MSE — then ``zero_grad``, ``backward``, AdamW ``step``, the LR
+schedule and the EMA step. Each step's batch carries new indices, so every step draws new noise.
 
 The two alternate step by step in one process, so load from other jobs on a shared machine falls on both alike: after
 each Lightning step a callback takes the time, runs one bare step (nothing of Lightning runs inside its timing) and
 hands back. A Lightning step is the time from there to the end of the next one — its data fetch, hooks, logging and
-the EMA update included. Each side has its own random stream from the same seed, so both draw the same noise and
+the EMA update included. Both sides draw per item from the same (seed, epoch, index), so they draw the same noise and
 their losses agree: a check that the bare loop does the same work. Prints the ratio of medians (goal ≤ 1.05).
 
     python benchmarks/step_overhead.py --threads 1                           # tiny UNet on CPU
@@ -33,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 
 
 class RepeatedBatch(Dataset):
-    """``length`` times the same collated batch (DataLoader ``batch_size=None``: no collation cost)."""
+    """``length`` times the same collated batch (DataLoader ``batch_size=None``: no collation cost), the i-th with
+    the indices of the i-th batch of an epoch — so that its per-item draws are new."""
 
     def __init__(self, batch: dict[str, torch.Tensor], length: int) -> None:
         self.batch, self.length = batch, length
@@ -42,7 +45,8 @@ class RepeatedBatch(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.batch
+        size = len(self.batch["index"])
+        return {**self.batch, "index": self.batch["index"] + index * size}
 
 
 def synchronize(device: torch.device) -> None:
@@ -51,16 +55,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def bare_loss(module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``_shared_step(batch, "train")`` of a video model written out, random draws in the same order."""
+    """``_shared_step(batch, "train")`` of a video model written out, with the module's per-item draws."""
     hp, latents = module.hparams, batch["video"]
     ef, fps = batch["ef"].float(), batch["fps"].float()
     batch_size, frames = latents.shape[:2]
     device = latents.device
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, hp.num_train_timesteps, (batch_size,), device=device)
-    drop_ef = torch.rand(batch_size, device=device) < hp.ef_dropout
-    drop_reference = torch.rand(batch_size, device=device) < hp.reference_dropout
-    reference_frame = torch.randint(0, frames, (batch_size,), device=device)
+    noise, timesteps, reference_frame, ef_coin, reference_coin = module._train_draws(batch["index"],
+                                                                                     latents.shape[1:], frames)
+    noise = noise.to(latents.dtype)
+    drop_ef, drop_reference = ef_coin < hp.ef_dropout, reference_coin < hp.reference_dropout
     module.train_num_frames.fill_(frames)
     module.train_fps.fill_(fps.mean())
     module.latent_shape.copy_(torch.tensor(latents.shape[2:]))
@@ -70,23 +73,6 @@ def bare_loss(module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     prediction = module.denoise(noisy, timesteps, module.conditioner(ef, drop_ef), reference, fps)
     target = module.noise_scheduler.get_velocity(latents, noise, timesteps)
     return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1).mean()
-
-
-class RandomStream:
-    """A saved global random state (CPU, and CUDA when used) to switch between the two sides."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device if device.type == "cuda" else None
-        self.cpu_state = torch.get_rng_state()
-        self.cuda_state = torch.cuda.get_rng_state(self.cuda) if self.cuda else None
-
-    def swap(self) -> None:
-        """Make this stream current and keep the one it replaces in its place."""
-        other = RandomStream(self.cuda or torch.device("cpu"))
-        torch.set_rng_state(self.cpu_state)
-        if self.cuda:
-            torch.cuda.set_rng_state(self.cuda_state, self.cuda)
-        self.cpu_state, self.cuda_state = other.cpu_state, other.cuda_state
 
 
 class InterleavedBareLoop(L.Callback):
@@ -109,17 +95,14 @@ class InterleavedBareLoop(L.Callback):
         self.schedule = get_scheduler(hp.lr_scheduler, self.optimizer, num_warmup_steps=hp.warmup_steps,
                                       num_training_steps=len(self.loader))
         self.batches = iter(self.loader)
-        self.random = RandomStream(self.device)  # the seeded state fit() starts from: the same draws
         self.resume = self._now()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses["lightning"].append(float(outputs["loss"]))
         self.times["lightning"].append(self._now() - self.resume)
-        self.random.swap()
         start = self._now()
         self.losses["bare"].append(self.bare_step())
         self.times["bare"].append(self._now() - start)
-        self.random.swap()
         self.resume = self._now()
 
     def bare_step(self) -> float:
