@@ -153,13 +153,13 @@ class ReIDModule(L.LightningModule):
         return (frames - low.view(shape)) * scale.view(shape) - 1.0
 
     def embed(self, frames: torch.Tensor) -> torch.Tensor:
-        """Frames ``(N, C, H, W)`` → embeddings ``(N, D)`` in (0, 1)."""
+        """Frames ``(N, C, H, W)`` → embeddings ``(N, D)`` in (0, 1), float32 also under bf16 autocast."""
         frames = self.normalize(frames)
         features = self.encoder(frames)
         if self.layout is not None:
             cells = F.adaptive_avg_pool2d(frames, self.hparams.layout_grid).flatten(1)
             features = features + self.layout(cells)
-        return torch.sigmoid(features)
+        return torch.sigmoid(features.float())
 
     def embed_videos(self, video: torch.Tensor) -> torch.Tensor:
         """Videos ``(B, F, C, H, W)`` → per-frame embeddings ``(B, F, D)``."""
