@@ -9,18 +9,7 @@ against the training split — exactly what ``echo-lvdm evaluate`` would score u
 ``num_frames`` at the data's period or fps). A video whose best score exceeds τ — of that protocol — is
 deleted. Kept videos are numbered in attempt order until ``num_videos`` are kept; later passes are surplus.
 
-Output folder::
-
-    Videos/<prefix>_<attempt>.avi   the kept videos (MJPEG, as EchoNet-Dynamic)
-    FileList.csv                    FileName (no extension), EF (requested), ESV and EDV (empty), FrameHeight,
-                                    FrameWidth, FPS, NumberOfFrames, Split (TRAIN / VAL / TEST), PatientID — rewritten
-                                    atomically after every batch, only rows whose video exists
-    audit.csv                       every attempt: EF, seed, best score, τ and its protocol, decision (kept /
-                                    dropped / surplus) —
-                                    scores only, no training file names, so it can be published with the data
-    dataset.json                    the setup (checksums of every model, τ, requests), the privacy threshold with
-                                    its protocol and held-out set, the privacy audit of the filter (recall per
-                                    near-copy transform, false flags on real TEST videos), counts, complete or not
+The folder's files and what the field's loaders read of them: :mod:`callbacks.synthetic_layout`.
 
 Before the first attempt the filter is audited (``audit``): canaries — near-copies of training videos — are written
 and scored as attempts are; the recall per transform and the false-flag rate go into ``dataset.json``, and by default
@@ -36,35 +25,24 @@ depend on the number of ranks. The output folder must be on a file system every 
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from callbacks.synthetic_layout import (AUDIT_COLUMNS, ECHOSYN_MIN_SECONDS, FILELIST_COLUMNS, filelist_rows,
+                                        mark_unfiltered, read_audit, split_fractions, split_plan, write_csv)
 from datamodules.dataset import to_model_range
 from datamodules.requests import GenerationRequests
 from datamodules.video_io import atomic_output, read_video, write_video
 from lightning_modules.diffusion_sampling import anatomy_references
 from lightning_modules.joint_sampling import JointSchedule
-
-AUDIT_COLUMNS = ("Attempt", "FileName", "Split", "EF", "Seed", "Score", "Tau", "TauProtocol", "Decision",
-                 "FrameHeight", "FrameWidth", "NumberOfFrames")
-# EchoNet-Dynamic's columns in its order (ESV and EDV empty: a synthetic video has an EF, no traced volumes), then ours.
-FILELIST_COLUMNS = ("FileName", "EF", "ESV", "EDV", "FrameHeight", "FrameWidth", "FPS", "NumberOfFrames", "Split",
-                    "PatientID")
-SPLIT_LABELS = ("TRAIN", "VAL", "TEST")
-# EchoNet-Synthetic's loader keeps videos longer than its clip (64 frames at 32 fps in its configs).
-ECHOSYN_MIN_SECONDS = 2.0
-UNFILTERED_NOTE = "NOT_PRIVACY_FILTERED.txt"
-
 
 class SyntheticDatasetWriter(BasePredictionWriter):
     """Writes ``num_videos`` privacy-filtered synthetic videos in EchoNet layout to ``out`` (see module docs).
@@ -112,14 +90,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         if reid is None and not unfiltered:
             raise ValueError("SyntheticDatasetWriter: no re-ID model, so no privacy filter. Give reid: <re-ID "
                              "checkpoint>, or set unfiltered: true to write a dataset marked as not filtered")
-        splits = {"TRAIN": 0.75, "VAL": 0.125, "TEST": 0.125} if splits is None else dict(splits)
-        labels = {str(name).upper() for name in splits}
-        if not labels <= set(SPLIT_LABELS) or len(labels) != len(splits):
-            raise ValueError(f"SyntheticDatasetWriter: splits are keyed by {', '.join(SPLIT_LABELS)} (any case, each "
-                             f"once), got {sorted(splits)}")
-        splits = {str(name).upper(): value for name, value in splits.items()}  # the field's loaders match upper case
-        if any(value < 0 for value in splits.values()) or abs(sum(splits.values()) - 1.0) > 1e-6:
-            raise ValueError(f"SyntheticDatasetWriter: split fractions must be ≥ 0 and sum to 1, got {splits}")
+        splits = split_fractions(splits)
         for name, path in (("reid", reid), ("anatomy", anatomy), ("image_model", image_model)):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"SyntheticDatasetWriter: {name} checkpoint {path} not found")
@@ -420,8 +391,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
         for row, split in zip(kept, self.split_plan):  # the k-th kept attempt: the same after a resume
             row["Split"] = split
         write_csv(self.out / "audit.csv", AUDIT_COLUMNS, rows)
-        write_csv(self.out / "FileList.csv", FILELIST_COLUMNS,
-                  [{**row, "FPS": round(self.fps, 4), "PatientID": row["FileName"]} for row in kept])
+        write_csv(self.out / "FileList.csv", FILELIST_COLUMNS, filelist_rows(kept, self.fps))
         counts = {decision: sum(row["Decision"] == decision for row in rows)
                   for decision in ("kept", "dropped", "surplus")}
         meta = {"created_by": "echo-lvdm SyntheticDatasetWriter", "privacy_filtered": not self.unfiltered,
@@ -431,10 +401,8 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                 "attempt_cap": self.requests.attempts, "setup": self.signature}
         with atomic_output(self.out / "dataset.json") as tmp:
             tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        note = self.out / UNFILTERED_NOTE
-        if self.unfiltered and not note.is_file():
-            note.write_text("This synthetic dataset was written WITHOUT the re-identification privacy filter "
-                            "(unfiltered: true). Videos may reproduce training patients. Do not share it as private.\n")
+        if self.unfiltered:
+            mark_unfiltered(self.out)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _barrier()
@@ -447,31 +415,6 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                                "higher cap to continue (many drops mean the model reproduces training patients)")
         rank_zero_info(f"SyntheticDatasetWriter: {summary} → {self.out}"
                        + (" (NOT privacy-filtered)" if self.unfiltered else ""))
-
-
-def split_plan(fractions: dict[str, float], count: int, seed: int) -> list[str]:
-    """Split labels for ``count`` videos: largest-remainder counts of ``fractions``, in a seeded random order."""
-    exact = {name: fraction * count for name, fraction in fractions.items()}
-    sizes = {name: int(value) for name, value in exact.items()}
-    for name in sorted(exact, key=lambda n: sizes[n] - exact[n])[:count - sum(sizes.values())]:
-        sizes[name] += 1
-    labels = [name for name, size in sizes.items() for _ in range(size)]
-    order = np.random.default_rng((seed, 13)).permutation(count)
-    return [labels[i] for i in order]
-
-
-def read_audit(path: Path) -> dict[int, dict[str, Any]]:
-    if not path.is_file():
-        return {}
-    with path.open(newline="") as handle:
-        return {int(row["Attempt"]): {**row, "Attempt": int(row["Attempt"])} for row in csv.DictReader(handle)}
-
-
-def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
-    with atomic_output(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _gather(results: list) -> list[list]:

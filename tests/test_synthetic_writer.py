@@ -21,7 +21,8 @@ import pytest
 import torch
 import yaml
 
-from callbacks.synthetic_writer import FILELIST_COLUMNS, UNFILTERED_NOTE, SyntheticDatasetWriter
+from callbacks.synthetic_layout import FILELIST_COLUMNS, UNFILTERED_NOTE
+from callbacks.synthetic_writer import SyntheticDatasetWriter
 from datamodules.datamodule import EchoNetDataModule
 from datamodules.dataset import to_model_range
 from datamodules.requests import GenerationRequests
