@@ -348,13 +348,15 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         overlap = window // 2 if overlap is None else overlap
         if reference is not None:
             reference = reference.to(self.device, self.dtype)
-        predict = guided_prediction(self, ef, reference, count, float(fps or self.train_fps), guidance, guide_reference)
-        image_output = image_steps = None
-        if schedule is not None:
-            image_steps = schedule.image_steps(steps)
-            image_output = frame_prediction(image_model, ef, schedule.guidance_scale, window)
         shape = (count, num_frames, *self.latent_shape.tolist())
         with self.sampling_weights(), (image_model.sampling_weights() if image_model is not None else nullcontext()):
+            # Built inside: the EF tokens come from the EMA of the conditioner, as the UNet's weights do.
+            predict = guided_prediction(self, ef, reference, count, float(fps or self.train_fps), guidance,
+                                        guide_reference)
+            image_output = image_steps = None
+            if schedule is not None:
+                image_steps = schedule.image_steps(steps)
+                image_output = frame_prediction(image_model, ef, schedule.guidance_scale, window)
             return denoising_loop(make_sampler(scheduler or hp.sampler, self.noise_scheduler.config),
                                   lambda x, t: blend_windows(predict(t), x, window, overlap), shape, steps,
                                   generator=generator, device=self.device, dtype=self.dtype,

@@ -265,6 +265,10 @@ def test_ema_differs_validates_and_is_restored_on_resume(latent_phantom, tmp_pat
     ema_plain_loss = quiet_trainer(tmp_path).validate(as_plain, datamodule, verbose=False)[0]["val/loss"]
     assert ema_loss == pytest.approx(ema_plain_loss, rel=1e-5) and ema_loss != pytest.approx(raw_loss, rel=1e-4)
     assert trainer.validate(module, datamodule, verbose=False)[0]["val/loss"] == ema_loss  # fixed noise per video
+    # Sampling uses the EMA too: the UNet's weights and the EF conditioner's (the tokens it reads).
+    options = dict(ef=[30.0, 70.0], reference=torch.zeros(2, 4, 8, 8), steps=2)
+    torch.testing.assert_close(module.sample(**options, generator=torch.Generator().manual_seed(0)),
+                               as_plain.sample(**options, generator=torch.Generator().manual_seed(0)))
 
     # The checkpoint holds the EMA; loading and resuming restore it exactly, and training goes on from its count.
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
