@@ -6,6 +6,7 @@ generator that repeats one video. The report, its figures and the per-video CSV 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -88,3 +89,48 @@ def test_evaluate_refuses_a_latent_reid_without_vae(planted, tmp_path):
     with pytest.raises(ValueError, match="works in latent space; give --vae"):
         main(["evaluate", "--real", str(planted.real), "--synthetic", str(planted.real), "--reid", str(planted.reid),
               "--out", str(tmp_path / "out")])
+
+
+def test_fid_is_fvd_of_a_written_folder_equal_an_oracle(planted, tmp_path):
+    """`evaluate --inception --i3d` with stand-in TorchScript extractors: FID/IS/FVD of the synthetic folder and of
+    the held-out real split (the ground-truth row), each against real TRAIN, equal numpy/scipy on the stand-ins'
+    features of the same videos read directly (first 16 frames at the native rate)."""
+    import torch
+
+    from datamodules.video_io import read_video
+    from tests.helpers.extractors import oracle, save_stand_ins
+
+    inception, i3d = save_stand_ins(tmp_path / "extractors")
+    sources = [(planted.real, row) for row in planted.train[:6]] + [(planted.new, row)
+                                                                   for row in read_filelist(planted.new)]
+    synthetic = synthetic_folder(tmp_path / "synthetic", sources)
+    metrics = evaluate(planted, synthetic, tmp_path / "report", "--inception", str(inception), "--i3d", str(i3d),
+                       "--fvd-lengths", "16,8", "--fid-fps", "native", "--fid-size", "32")
+
+    def clips(folder: Path, split: str | None) -> torch.Tensor:
+        rows = [row for row in read_filelist(folder) if split is None or row["Split"] == split]
+        return torch.from_numpy(np.stack([read_video(folder / "Videos" / f"{row['FileName']}.avi",
+                                                     indices=np.arange(16)) for row in rows]))[:, :, None]
+
+    train = clips(planted.real, "TRAIN")
+    for prefix, videos in (("", clips(synthetic, None)), ("real_", clips(planted.real, "TEST"))):
+        expected = oracle(train, videos, (8, 16))
+        for name, value in expected.items():
+            assert metrics[prefix + name] == pytest.approx(value, rel=1e-4, abs=1e-5), prefix + name
+    assert metrics["fid"] > 0 and metrics["fvd16"] > 0 and metrics["real_fvd16"] > 0
+    generative = metrics["generative_metrics"]
+    assert generative["videos"] == {"TRAIN": {"videos": 20, "too_short": 0},
+                                    "synthetic": {"videos": 20, "too_short": 0}, "TEST": {"videos": 10, "too_short": 0}}
+    assert generative["extractors"]["i3d"]["sha256"] == hashlib.sha256(i3d.read_bytes()).hexdigest()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"| fvd16 | {metrics['fvd16']:.4g} | FVD of 16-frame clips against real TRAIN (I3D features); real TEST: " \
+           f"{metrics['real_fvd16']:.4g} |" in report
+
+    # At 32 fps hardly any of the 20–24-frame 50 fps videos holds a 16-frame clip: a clear error, raised before the
+    # re-ID embeds anything (its cache folder is never made).
+    with pytest.raises(ValueError, match=r"need at least 2 videos of 16 frames at 32 fps in the TRAIN set, found "
+                                         r"[01] \(\d+ too short\); lower --fvd-lengths or --fid-fps"):
+        main(["evaluate", "--real", str(planted.real), "--synthetic", str(synthetic), "--reid", str(planted.reid),
+              "--vae", str(planted.out / "vae"), "--out", str(tmp_path / "short"), "--clip-length", str(CLIP),
+              "--cache-dir", str(tmp_path / "short_cache"), "--inception", str(inception)])
+    assert not (tmp_path / "short_cache").exists()

@@ -7,6 +7,9 @@ they reduce with. Definitions: DESIGN.md, "Metrics".
   faithfulness.
 * :class:`CoverageMetric`, :class:`EmbeddingDistributionMetrics`, :class:`MeanPerVideo` (``coverage``): coverage,
   memorisation, density / PRDC coverage, Fréchet distance and temporal consistency in the re-ID space.
+* ``generative``: FID, IS and FVD with the field's TorchScript Inception and I3D (torchmetrics' FID state, summed
+  across ranks; every sample fed counts, as the samples generated on each rank are distinct), loaded from paths the
+  user gives; imported where used (``lightning_modules.metrics.generative``).
 * ``functional``: the exact, bounded-memory functions behind them (coverage fraction, memorisation rate, PRDC,
   Fréchet distance, temporal consistency, hit counts).
 """
