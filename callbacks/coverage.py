@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.coverage_figures import coverage_curves, score_histogram
+from callbacks.coverage_generative import GenerativeMeasures
 from callbacks.coverage_measures import CoverageMeasures, IdentityMeasures, coverage_sizes
 from datamodules import EchoNetDataModule, GenerationRequests
 from lightning_modules.calibration import calibrate
@@ -96,6 +97,14 @@ class CoverageCallback(L.Callback):
         joint: joint image-and-video sampling of the video model (JVID; :class:`~lightning_modules.joint_sampling.
             JointSchedule` settings such as ``{every: 2}``; None: the video model alone), as the writer samples with
             the same settings. image_model: the image-mode checkpoint taking those steps (None: ``anatomy``).
+        inception, i3d: the field's TorchScript extractors (StyleGAN2-ADA's ``inception-2015-12-05.pt``,
+            StyleGAN-V's ``i3d_torchscript.pt``; :mod:`lightning_modules.metrics.generative`): with them and the VAE,
+            ``val/fid``, ``val/is``, ``val/is_std``, ``val/fvd<L>`` of the decoded, 8-bit samples against the
+            training split's pixel clips under the protocol (each rank feeds its shard), beside ``val/real_*``: the
+            first ``num_samples`` validation videos measured the same way (the ground truth, once per fit). Not
+            in identity mode (those videos inherit real patients). fvd_lengths: FVD clip lengths (None: the
+            samples' length). At ``num_samples`` far below the field's 2048 these are biased upward: compare them
+            across validations and with ``val/real_*``, not with published values.
         quantile: of τ. seed: noise seed when animating real frames. k: neighbours of density and PRDC coverage.
         batch_size: requests sampled together. cache_dir: embedding cache (None: under the first logger's
             directory, else the trainer's ``default_root_dir``, ``reid_cache/``).
@@ -106,7 +115,8 @@ class CoverageCallback(L.Callback):
                  requests: dict | GenerationRequests | None = None, every_n_validations: int = 1, steps: int | None = None,
                  sampler: str | None = None, guidance_scale: float | None = None, quantile: float | None = None,
                  seed: int = 0, k: int = 5, batch_size: int = 8, cache_dir: str | None = None,
-                 joint: dict | str | None = None, image_model: str | None = None) -> None:
+                 joint: dict | str | None = None, image_model: str | None = None, inception: str | None = None,
+                 i3d: str | None = None, fvd_lengths: list[int] | None = None) -> None:
         if min(every_n_validations, steps or 1, k, num_samples, batch_size) < 1:
             raise ValueError("CoverageCallback: every_n_validations, steps, k, num_samples and batch_size must be ≥ 1, "
                              f"got {every_n_validations}, {steps}, {k}, {num_samples}, {batch_size}")
@@ -116,6 +126,8 @@ class CoverageCallback(L.Callback):
                            ("image_model", image_model)):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"CoverageCallback: {name} checkpoint {path} not found")
+        self.generative = None if inception is None and i3d is None else GenerativeMeasures(
+            inception, i3d, fvd_lengths, vae=vae, num_samples=num_samples)
         self.joint = JointSchedule.parse(joint)
         self.joint = None if self.joint == JointSchedule() else self.joint
         self.image_model_path = None if image_model is None else Path(image_model)
@@ -188,6 +200,8 @@ class CoverageCallback(L.Callback):
             if self.image_model is None:
                 raise ValueError("CoverageCallback: joint sampling needs an image model: give image_model: "
                                  "<image-mode checkpoint> (or anatomy:, which it defaults to)")
+        if self.generative is not None:
+            self.generative.load(self._mode, device)
         for model in (self.reid, self.regressor, self.vae, self.anatomy, self.image_model):
             if model is not None:
                 model.to(device)
@@ -236,6 +250,12 @@ class CoverageCallback(L.Callback):
         rank_zero_info(f"CoverageCallback ({self.mode}): {len(self.bank)} training and {len(self.heldout)} validation "
                        f"videos under protocol {self.protocol.name}; τ = {self.calibration.tau:.4g} "
                        f"(quantile {quantile} of the validation videos)")
+        if self.generative is not None:
+            length = 1 if self.mode == "anatomy" else self._length(int(pl_module.train_num_frames))
+            size = self.generative.frame_size(self.vae, pl_module.latent_shape)
+            pixels = protocol_datamodule(datamodule, self.protocol, space="pixel", channels=1, latent_dir=None,
+                                         size=size)
+            self.generative.prepare(trainer, pl_module, pixels, length, self.batch_size)
 
     # ------------------------------------------------------------------------------------------- measuring
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -318,6 +338,8 @@ class CoverageCallback(L.Callback):
             read = self._read_ef(latents) if self.mode == "synthetic" else None
             self.measures.update_synthetic(index, self._embed(latents, index), ef if read is not None else None,
                                            read)
+            if self.generative is not None:
+                self.generative.update(self.vae, latents, index)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Runs before the module's own epoch end: the EMA weights it swapped in are still in place.
@@ -332,10 +354,14 @@ class CoverageCallback(L.Callback):
             self._sample_requests(trainer, pl_module)
         result = self.measures.compute()  # every rank: a collective
         self.measures.reset()
+        if result is None and self.generative is not None:
+            self.generative.reset()
         if result is None:
             rank_zero_info("CoverageCallback: nothing was sampled (num_samples, an empty validation split?)")
             return
         values, details = result
+        if self.generative is not None:  # every rank: torchmetrics gathers the states
+            values.update(self.generative.compute())
         self.last = {name: float(value) for name, value in values.items()}
         for name, value in values.items():  # identical on every rank: computed from gathered states
             pl_module.log(f"val/{name}", value.float(), sync_dist=False)

@@ -131,6 +131,40 @@ def as_written(world, latents: torch.Tensor) -> torch.Tensor:
         return (vae.encode(stored).latent_dist.mean * scale).unflatten(0, latents.shape[:2])
 
 
+def requested_samples(world, num_samples: int, *, first_frame: bool = False,
+                      joint: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Requests 0 … n − 1 (uniform EF, seed 0): their EFs and latents, each animated from its anatomy frame (noise
+    seed ^ 0x5EED) with its own noise — or, with ``first_frame``, the anatomy model's frames themselves."""
+    requests = GenerationRequests(attempts=num_samples)
+    ef = torch.tensor([requests.ef(i) for i in range(num_samples)])
+    seeds = [requests.noise_seed(i) for i in range(num_samples)]
+    frames = world.anatomy.sample(ef=ef, generator=[torch.Generator().manual_seed(s ^ 0x5EED) for s in seeds])
+    if first_frame:
+        return ef, frames
+    return ef, world.diffusion.sample(ef=ef, reference=frames[:, 0], num_frames=FRAMES, steps=STEPS,
+                                      generator=[torch.Generator().manual_seed(s) for s in seeds],
+                                      **({} if joint is None else dict(image_model=world.anatomy, joint=joint)))
+
+
+def generative_oracle(world, num_samples: int) -> dict[str, float]:
+    """FID/IS/FVD (stand-in extractors, numpy/scipy) of the decoded, 8-bit requests 0 … n − 1 and of the first n
+    validation videos, each against the training split's pixel clips under the callback's protocol."""
+    from diffusers import AutoencoderKL
+
+    from tests.helpers.extractors import oracle
+
+    vae = AutoencoderKL.from_pretrained(world.out / "vae")
+    _, latents = requested_samples(world, num_samples)
+    with torch.no_grad():
+        pixels = vae.decode(latents.flatten(0, 1) / vae.config.scaling_factor).sample.unflatten(0, latents.shape[:2])
+    synthetic = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    pixel_data = dict(space="pixel", latent_dir=None, latent_posterior="sample", size=tuple(synthetic.shape[-2:]))
+    train, val = (((split_videos(world, split, **pixel_data)["video"] + 1) * 127.5).round().to(torch.uint8)
+                  for split in ("train", "val"))
+    return {**oracle(train, synthetic, (FRAMES,)),
+            **{f"real_{name}": value for name, value in oracle(train, val[:num_samples], (FRAMES,)).items()}}
+
+
 def synthetic_oracle(world, num_samples: int, *, first_frame: bool = False, written: bool = False,
                      joint: str | None = None) -> dict[str, float]:
     """Requests 0 … n − 1 (uniform EF, seed 0), each animated from its anatomy frame (noise seed ^ 0x5EED) with its
@@ -141,16 +175,7 @@ def synthetic_oracle(world, num_samples: int, *, first_frame: bool = False, writ
     options = dict(clip_length=1, eval_start="first") if first_frame else {}
     oracle = Oracle(world.reid, split_videos(world, "train", **options)["video"])
     heldout = oracle.embed(split_videos(world, "val", **options)["video"])
-    requests = GenerationRequests(attempts=num_samples)
-    ef = torch.tensor([requests.ef(i) for i in range(num_samples)])
-    seeds = [requests.noise_seed(i) for i in range(num_samples)]
-    frames = world.anatomy.sample(ef=ef, generator=[torch.Generator().manual_seed(s ^ 0x5EED) for s in seeds])
-    if first_frame:
-        synthetic = frames
-    else:
-        synthetic = world.diffusion.sample(ef=ef, reference=frames[:, 0], num_frames=FRAMES, steps=STEPS,
-                                           generator=[torch.Generator().manual_seed(s) for s in seeds],
-                                           **({} if joint is None else dict(image_model=world.anatomy, joint=joint)))
+    ef, synthetic = requested_samples(world, num_samples, first_frame=first_frame, joint=joint)
     fake = oracle.embed(as_written(world, synthetic) if written else synthetic)
     fake_score, fake_match = oracle.best(fake)
     real_score, real_match = oracle.best(heldout)
@@ -222,6 +247,30 @@ def test_videos_animated_from_anatomy_frames_log_what_an_independent_computation
     assert len(list((tmp_path / "cache").glob("reid-train-*.safetensors"))) == 1
     images = sorted(path.name.split("_step")[0] for path in (tmp_path / "run").rglob("*.png"))
     assert images == ["val_coverage_curve", "val_coverage_scores"]
+
+
+def test_fid_is_fvd_of_the_requests_equal_an_oracle(world, tmp_path):
+    """With stand-in TorchScript extractors and the VAE: ``val/fid``, ``val/is``, ``val/fvd4`` of the decoded,
+    quantised requests and ``val/real_*`` of the validation videos, both against the training split's pixel clips,
+    equal numpy/scipy on the stand-ins' features."""
+    from tests.helpers.extractors import save_stand_ins
+
+    inception, i3d = save_stand_ins(tmp_path / "extractors")
+    callback = CoverageCallback(str(world.reid_ckpt), anatomy=str(world.lidm_ckpt), vae=str(world.out / "vae"),
+                                num_samples=7, batch_size=3, steps=STEPS, k=2, cache_dir=str(tmp_path / "cache"),
+                                inception=str(inception), i3d=str(i3d))
+    values = validate(world.diffusion, callback, tmp_path, world.data)
+    expected = generative_oracle(world, 7)
+    assert set(expected) == {"fid", "is", "is_std", "fvd4", "real_fid", "real_is", "real_is_std", "real_fvd4"}
+    for name, value in expected.items():
+        assert values[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    assert values["fid"] > 0 and values["fvd4"] > 0
+
+    with pytest.raises(ValueError, match="FID/IS/FVD are measured on decoded pixels; give the VAE"):
+        CoverageCallback(str(world.reid_ckpt), anatomy=str(world.lidm_ckpt), inception=str(inception))
+    identity = CoverageCallback(str(world.reid_ckpt), vae=str(world.out / "vae"), inception=str(inception))
+    with pytest.raises(ValueError, match="measure what the generator ships, fully synthetic videos: give anatomy"):
+        validate(world.diffusion, identity, tmp_path / "identity", world.data)
 
 
 def test_joint_samples_are_measured_as_the_writer_samples_them(world, tmp_path):
@@ -378,13 +427,19 @@ def test_refuses_models_and_thresholds_it_cannot_measure_with(world, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_validation_with_the_callback_logs_the_values_of_one_process(world, tmp_path):
-    """`echo-lvdm validate` with the callback animating anatomy frames, 7 requests: 2 CPU processes (rank r samples
-    requests r, r + 2, …; the 5 validation videos padded to 6) log what 1 process logs and the oracle computes."""
+    """`echo-lvdm validate` with the callback animating anatomy frames, 7 requests, measured as written (the VAE) and
+    with FID/IS/FVD (stand-in extractors): 2 CPU processes (rank r samples requests r, r + 2, …; the 5 validation
+    videos padded to 6; each embeds and feeds its shard of the training split) log what 1 process logs and the
+    oracle computes."""
+    from tests.helpers.extractors import save_stand_ins
+
+    inception, i3d = save_stand_ins(tmp_path / "extractors")
     config = tmp_path / "validate.yaml"
     config.write_text(
         "model:\n  class_path: lightning_modules.diffusion.VideoDiffusionModule\n"
         "trainer:\n  callbacks:\n    - class_path: callbacks.coverage.CoverageCallback\n      init_args:\n"
         f"        reid: {world.reid_ckpt}\n        ef_regressor: {world.ef_ckpt}\n        anatomy: {world.lidm_ckpt}\n"
+        f"        vae: {world.out / 'vae'}\n        inception: {inception}\n        i3d: {i3d}\n"
         f"        steps: {STEPS}\n        num_samples: 7\n        batch_size: 3\n        k: 2\n")
     values = {}
     for devices in (1, 2):
@@ -400,5 +455,6 @@ def test_ddp_validation_with_the_callback_logs_the_values_of_one_process(world, 
         assert result.returncode == 0, result.stderr[-3000:]
         values[devices] = {key: value for key, value in logged(log_dir).items() if key != "loss"}
     assert values[2] == pytest.approx(values[1], rel=1e-5, abs=1e-6)
-    expected = synthetic_oracle(world, 7)
+    expected = {**synthetic_oracle(world, 7, written=True), **generative_oracle(world, 7)}
+    assert {"fid", "is", "fvd4", "real_fid"} <= set(expected)
     assert {name: values[1][name] for name in expected} == pytest.approx(expected, rel=1e-4, abs=1e-5)

@@ -57,6 +57,19 @@ def test_metrics_equal_scipy_on_the_extractor_features(extractors):
     assert again["is"] == pytest.approx(oracle(real, same, ())["is"], rel=1e-5)
 
 
+def test_is_splits_follow_the_given_order_not_the_order_of_the_calls(extractors):
+    fake = videos(1, 30, frames=2)
+    expected = oracle(videos(0, 4, frames=2), fake, ())["is"]
+    metrics = GenerativeMetrics(extractors[0], None, frame_size=(16, 16))
+    metrics.update(videos(0, 4, frames=2), real=True)
+    for places in torch.arange(30).flip(0).split(7):  # fed last first, each batch with its places
+        metrics.update(fake[places], real=False, order=places)
+    assert metrics.compute()["is"] == pytest.approx(expected, rel=1e-6)
+    metrics.reset_synthetic()
+    metrics.update(fake.roll(1, 0), real=False)  # without places: the order of the calls, here moved by one
+    assert metrics.compute()["is"] != pytest.approx(expected, rel=1e-6)
+
+
 def test_temporal_order_moves_fvd_not_fid(extractors):
     real = videos(0, 40)
     shuffled = real[:, torch.randperm(16, generator=torch.Generator().manual_seed(0))]
@@ -89,3 +102,11 @@ def test_bad_videos_and_too_short_clips_are_refused(extractors):
         metrics.update(videos(0, 2).float(), real=True)
     with pytest.raises(ValueError, match="FVD16 needs clips of 16 frames, got 8"):
         metrics.update(videos(0, 2, frames=8), real=True)
+
+
+def test_an_extractor_that_cannot_take_the_clips_fails_at_setup(tmp_path):
+    _, i3d = save_stand_ins(tmp_path, i3d_min_frames=9)  # as the Kinetics I3D's temporal pooling
+    with pytest.raises(UserInputError, match=r"I3DFeatures extractor fails on an input of shape \(1, 3, 8, 16, 16\) "
+                                             r"\(the Kinetics I3D needs at least 9 frames\): .*too small"):
+        GenerativeMetrics(None, load_extractor(i3d, I3D), fvd_lengths=(16, 8), frame_size=(16, 16))
+    assert GenerativeMetrics(None, load_extractor(i3d, I3D), fvd_lengths=(9,), frame_size=(16, 16)).frames_needed == 9

@@ -38,7 +38,7 @@ from datamodules.errors import UserInputError
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
-I3D_MIN_FRAMES = 9  # the real I3D's temporal pooling needs at least this many frames
+I3D_MIN_FRAMES = 9  # the Kinetics I3D's temporal pooling needs at least this many frames (named in errors)
 
 
 @dataclass(frozen=True)
@@ -87,13 +87,20 @@ def file_checksum(path: str | Path) -> str:
 
 
 class _Adapter(nn.Module):
-    """One way of calling a TorchScript extractor; ``num_features`` is measured on a probe input."""
+    """One way of calling a TorchScript extractor; ``num_features`` is measured on a probe input of the shape the
+    metric will feed it, so an extractor that cannot take that input fails here, with the shape in the message."""
 
     def __init__(self, network, probe: torch.Tensor) -> None:
         super().__init__()
         self.network = network
-        with torch.no_grad():
-            self.num_features = int(self(probe).shape[-1])
+        try:
+            with torch.no_grad():
+                self.num_features = int(self(probe).shape[-1])
+        except (RuntimeError, torch.jit.Error) as err:  # TorchScript's message ends with the error raised inside
+            last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            hint = f" (the Kinetics I3D needs at least {I3D_MIN_FRAMES} frames)" if probe.ndim == 5 else ""
+            raise UserInputError(f"the {type(self).__name__} extractor fails on an input of shape "
+                                 f"{tuple(probe.shape)}{hint}: {last}") from err
 
 
 class InceptionFeatures(_Adapter):
@@ -112,12 +119,32 @@ class I3DFeatures(_Adapter):
 
 
 class OrderedInceptionScore(InceptionScore):
-    """torchmetrics' IS state (every sample's class probabilities, gathered across processes), computed as
-    StyleGAN-V's ``is50k``: ``splits`` consecutive parts in sample order, exp of the mean KL divergence of each
-    sample's probabilities from its part's mean, then the mean and population standard deviation over parts."""
+    """IS as StyleGAN-V's ``is50k`` computes it: ``splits`` consecutive parts in sample order, exp of the mean KL
+    divergence of each sample's class probabilities from its part's mean, then the mean and population standard
+    deviation over parts. torchmetrics' state of every sample's probabilities, plus each sample's place in the order
+    (``update(images, order)``; default: the order of the calls), both concatenated across processes (torchmetrics'
+    own list state is gathered element by element, which deadlocks when processes hold different numbers of batches),
+    so the parts are the same in one process or several."""
+
+    def __init__(self, feature: nn.Module, splits: int = 10) -> None:
+        super().__init__(feature, splits=splits)
+        self.add_state("features", [], dist_reduce_fx="cat")
+        self.add_state("order", [], dist_reduce_fx="cat")
+        self._fed = 0
+
+    def update(self, imgs: torch.Tensor, order: torch.Tensor | None = None) -> None:
+        if order is None:
+            order = torch.arange(self._fed, self._fed + imgs.shape[0], device=imgs.device)
+        self._fed += imgs.shape[0]
+        self.features.append(self.inception(imgs))
+        self.order.append(order.to(imgs.device, torch.float64))  # float64: exact for integers below 2**53
+
+    def reset(self) -> None:
+        super().reset()
+        self._fed = 0
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        probabilities = dim_zero_cat(self.features).double()
+        probabilities = dim_zero_cat(self.features).double()[torch.argsort(dim_zero_cat(self.order), stable=True)]
         count = probabilities.shape[0]
         if count < self.splits:
             raise ValueError(f"IS needs at least {self.splits} frames (one per split), got {count}")
@@ -163,10 +190,9 @@ class GenerativeMetrics(nn.Module):
                 self.inception_score = OrderedInceptionScore(InceptionProbabilities(inception, frame),
                                                              splits=is_splits)
         self.fvd = nn.ModuleDict()
-        for length in self.fvd_lengths:
-            probe = torch.zeros(1, 3, max(length, I3D_MIN_FRAMES), *frame_size, dtype=torch.uint8)
+        for length in self.fvd_lengths:  # one adapter, probed at the shortest clip length
             if length == self.fvd_lengths[0]:
-                adapter = I3DFeatures(i3d, probe)
+                adapter = I3DFeatures(i3d, torch.zeros(1, 3, length, *frame_size, dtype=torch.uint8))
             self.fvd[str(length)] = FrechetInceptionDistance(adapter, reset_real_features=False)
 
     @property
@@ -174,7 +200,9 @@ class GenerativeMetrics(nn.Module):
         """Frames per video the FVD clips need (0 without I3D)."""
         return max(self.fvd_lengths, default=0)
 
-    def update(self, videos: torch.Tensor, real: bool) -> None:
+    def update(self, videos: torch.Tensor, real: bool, order: torch.Tensor | None = None) -> None:
+        """Add uint8 videos ``(B, T, C, H, W)`` to the real or the synthetic set. ``order``: each video's place in
+        the synthetic set (IS splits in that order; default: the order of the calls)."""
         videos = rgb(videos)
         if videos.shape[1] < self.frames_needed:
             raise ValueError(f"FVD{self.frames_needed} needs clips of {self.frames_needed} frames, got "
@@ -183,7 +211,9 @@ class GenerativeMetrics(nn.Module):
             frames = videos.flatten(0, 1)
             self.fid.update(frames, real=real)
             if not real:
-                self.inception_score.update(frames)
+                steps = torch.arange(videos.shape[1], device=videos.device)
+                self.inception_score.update(frames, None if order is None else
+                                            (order.to(videos.device)[:, None] * videos.shape[1] + steps).flatten())
         for length, metric in zip(self.fvd_lengths, self.fvd.values()):
             metric.update(videos[:, :length].permute(0, 2, 1, 3, 4).contiguous(), real=real)
 
@@ -206,26 +236,34 @@ class GenerativeMetrics(nn.Module):
 
 def long_enough(dataset, length: int) -> list[int]:
     """Rows of an :class:`~datamodules.dataset.EchoNetVideoDataset` whose video holds a clip of ``length`` frames at
-    the dataset's period or fps without padding (StyleGAN-V discards shorter videos: a padded clip is not a video)."""
+    the dataset's period or fps without padding (StyleGAN-V discards shorter videos: a padded clip is not a video);
+    every row when the dataset serves frames rather than clips."""
     from datamodules.clips import clip_span
     from datamodules.dataset import resolve_step
 
+    if dataset.sampling != "clip":
+        return list(range(len(dataset.records)))
     return [row for row, record in enumerate(dataset.records)
             if record.num_frames >= clip_span(length, resolve_step(record.fps, dataset.period, dataset.target_fps))]
 
 
 def measure_dataset(metrics: GenerativeMetrics, dataset, *, real: bool, limit: int | None = None,
-                    batch_size: int = 8, device: str | torch.device = "cpu") -> dict[str, int]:
-    """Feed the first ``limit`` long-enough videos of ``dataset`` (pixels in [-1, 1], clips from their first frame)
-    to ``metrics`` as the real or the synthetic set; returns how many were used and how many were too short."""
-    from torch.utils.data import DataLoader
+                    batch_size: int = 8, device: str | torch.device = "cpu",
+                    shard: tuple[int, int] = (0, 1)) -> dict[str, int]:
+    """Feed the first ``limit`` long-enough videos of ``dataset`` (pixels in [-1, 1]) to ``metrics`` as the real or
+    the synthetic set; returns how many were used and how many were too short. ``shard = (rank, world size)``: this
+    process feeds videos rank, rank + world size, … of them (torchmetrics sums the states across processes)."""
+    from torch.utils.data import DataLoader, Subset
 
     from lightning_modules.image_logging import to_uint8
 
     rows = long_enough(dataset, dataset.clip_length)
     used = rows[:limit] if limit is not None else rows
-    loader = DataLoader(dataset.with_records([dataset.records[row] for row in used]), batch_size=batch_size)
+    rank, world = shard
+    places = torch.arange(len(used))[rank::world]  # each video's place in the set: IS splits the same in any sharding
+    # A subset keeps each video's row: evaluation clip positions are drawn from it, so a shard reads the same clips
+    loader = DataLoader(Subset(dataset, used[rank::world]), batch_size=batch_size)
     with torch.no_grad():
-        for batch in loader:
-            metrics.update(to_uint8(batch["video"]).to(device), real=real)
+        for batch_places, batch in zip(places.split(batch_size), loader):
+            metrics.update(to_uint8(batch["video"]).to(device), real=real, order=batch_places)
     return {"videos": len(used), "too_short": len(dataset.records) - len(rows)}

@@ -40,27 +40,32 @@ class StandInInception(nn.Module):
 
 
 class StandInI3D(nn.Module):
-    def __init__(self, features: int = 5) -> None:
+    """Like the Kinetics I3D, it fails inside TorchScript on clips shorter than ``min_frames``."""
+
+    def __init__(self, features: int = 5, min_frames: int = 1) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(1)
         self.register_buffer("project", torch.randn(features, 3 * 4 * 2 * 2, generator=generator))
+        self.min_frames = min_frames
 
     def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
                 return_features: bool = False) -> torch.Tensor:
+        if x.shape[2] < self.min_frames:
+            raise RuntimeError("temporal pooling: output size is too small")
         if rescale:
             x = x / 255.0 * 2.0 - 1.0
         features = F.adaptive_avg_pool3d(x, (4, 2, 2)).flatten(1) @ self.project.t()
         return features if return_features else features.softmax(dim=1)
 
 
-def save_stand_ins(folder: Path) -> tuple[Path, Path]:
+def save_stand_ins(folder: Path, i3d_min_frames: int = 1) -> tuple[Path, Path]:
     """``(inception.pt, i3d.pt)`` TorchScript files in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = folder / "inception.pt", folder / "i3d.pt"
     with warnings.catch_warnings():  # TorchScript is deprecated in torch, but it is the format the field ships
         warnings.filterwarnings("ignore", message=".*torch.jit.(script|save). is deprecated",
                                 category=DeprecationWarning)
-        for module, path in zip((StandInInception(), StandInI3D()), paths):
+        for module, path in zip((StandInInception(), StandInI3D(min_frames=i3d_min_frames)), paths):
             torch.jit.save(torch.jit.script(module), str(path))
     return paths
 
