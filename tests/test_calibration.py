@@ -42,7 +42,8 @@ def test_protocols_parse_and_name_themselves():
 def held_out(request, tmp_path_factory) -> SimpleNamespace:
     """1,500 single-video patients: 300 training, 600 validation and 600 test videos (32 px, 12–16 frames)."""
     root = generate_phantom(tmp_path_factory.mktemp("held_out") / "data", patients=1500, videos_per_patient=1,
-                            seed=request.param, size=32, frames=(12, 16), split_fractions=(0.2, 0.4, 0.4))
+                            seed=request.param, size=32, frames=(12, 16), split_fractions=(0.2, 0.4, 0.4),
+                            workers=2)  # byte-identical to workers=0
     return SimpleNamespace(root=root, reid=distance_reid(in_channels=1))
 
 

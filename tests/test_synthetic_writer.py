@@ -323,10 +323,18 @@ def test_split_labels_are_upper_case_whatever_the_config_says(tmp_path):
         SyntheticDatasetWriter(tmp_path / "out", 4, unfiltered=True, prefix="synthetic.v1")
 
 
+@pytest.fixture(scope="module")
+def straight(cli_world, tmp_path_factory) -> tuple:
+    """The uninterrupted 1-process generation of 10 videos (40 attempts): what a resumed and a 2-process generation
+    must write."""
+    out = tmp_path_factory.mktemp("straight") / "synthetic"
+    result = run_generate(cli_world, out, devices=1, num_videos=10, attempts=40)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dataset(out)
+
+
 @pytest.mark.slow
-def test_killed_generation_resumes_to_the_uninterrupted_dataset(cli_world, tmp_path):
-    reference = run_generate(cli_world, tmp_path / "straight", devices=1, num_videos=10, attempts=40)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+def test_killed_generation_resumes_to_the_uninterrupted_dataset(cli_world, straight, tmp_path):
     out = tmp_path / "killed"
     process = run_generate(cli_world, out, devices=1, num_videos=10, attempts=40, background=True)
     kill_when(process, lambda: len(list((out / "Videos").glob("*.avi"))) >= 4 if (out / "Videos").is_dir() else False)
@@ -338,20 +346,16 @@ def test_killed_generation_resumes_to_the_uninterrupted_dataset(cli_world, tmp_p
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     filelist, audit, videos = dataset(out)
     assert len(filelist) == 10 and sorted(videos) == sorted(row["FileName"] for row in filelist)
-    straight = dataset(tmp_path / "straight")
     assert filelist == straight[0] and audit == straight[1]
     for name, frames in videos.items():
         np.testing.assert_array_equal(frames, straight[2][name])
 
 
 @pytest.mark.slow
-def test_ddp_generation_writes_the_n_distinct_videos_of_one_process(cli_world, tmp_path):
-    runs = {}
-    for devices in (1, 2):
-        result = run_generate(cli_world, tmp_path / f"devices{devices}", devices=devices, num_videos=10, attempts=40)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[devices] = dataset(tmp_path / f"devices{devices}")
-    (filelist, audit, videos), (filelist2, audit2, videos2) = runs[1], runs[2]
+def test_ddp_generation_writes_the_n_distinct_videos_of_one_process(cli_world, straight, tmp_path):
+    result = run_generate(cli_world, tmp_path / "devices2", devices=2, num_videos=10, attempts=40)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (filelist, audit, videos), (filelist2, audit2, videos2) = straight, dataset(tmp_path / "devices2")
     assert len(filelist2) == 10 == len({row["FileName"] for row in filelist2}) == len(videos2)
     assert any(row["Decision"] == "dropped" for row in audit2)  # the filter acted on both ranks' videos
     assert [row["FileName"] for row in filelist2] == [row["FileName"] for row in filelist]

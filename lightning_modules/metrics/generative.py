@@ -50,7 +50,8 @@ class ExtractorSpec:
 
     def missing(self, path: Path | None) -> str:
         return (f"{self.name} weights not found at {path}: download {self.url} once (the field's TorchScript file) "
-                f"and give its path with {self.option}; nothing is downloaded at run time")
+                f"and give its path ({self.option} to evaluate, {self.option[2:]}: to CoverageCallback); nothing is "
+                "downloaded at run time")
 
 
 INCEPTION = ExtractorSpec("Inception", "--inception", INCEPTION_URL, ("return_features", "no_output_bias"))
