@@ -7,7 +7,8 @@ H, and every video of the synthetic folder is S (its FileList ``EF`` is the requ
 (4 input channels) sees frames encoded by the VAE given with ``--vae`` (posterior mean × scaling factor, as the latent
 cache stores them), real and synthetic alike. Writes to ``--out``: ``metrics.json``, ``synthetic_scores.csv`` (each
 synthetic video's best score, its best-matching training video and whether the privacy filter would drop it),
-``report.md`` and ``figures/*.png``. Everything is written under a temporary name and renamed.
+``report.md`` and ``figures/*.png``. Everything is written under a temporary name and renamed. With ``--inception``
+and/or ``--i3d`` (the field's TorchScript extractors) it adds FID, IS and FVD (:mod:`echo_lvdm.evaluate_generative`).
 """
 
 from __future__ import annotations
@@ -113,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
     # Both folders checked before anything is embedded: a broken synthetic FileList must not cost the real set's pass.
     synthetic.setup("predict")
     real.setup()
-    generative = generative_setup(args) if args.inception is not None or args.i3d is not None else None
+    generative = None
+    if args.inception is not None or args.i3d is not None:
+        from echo_lvdm.evaluate_generative import generative_setup
+
+        generative = generative_setup(args)
     cache = args.cache_dir or args.out / "reid_cache"
     # τ stored beside the re-ID checkpoint for this protocol and data (`echo-lvdm calibrate`), else calibrated here
     bank, calibration, source = filter_bank(model, reid, args.reid, real, protocol, cache_dir=cache,
@@ -147,72 +152,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"evaluate: {args.synthetic} has no videos")
     values, details = result
     if generative is not None:
+        from echo_lvdm.evaluate_generative import generative_values
+
         details["generative"] = generative_values(args, generative)
         values.update({name: torch.tensor(value) for name, value in details["generative"].pop("values").items()})
     write_outputs(args, values, details, real, synthetic, calibration, source, len(bank))
     log.info("evaluate: " + ", ".join(f"{name} {float(value):.4g}" for name, value in values.items()))
     return 0
-
-
-def generative_setup(args: argparse.Namespace) -> dict:
-    """The extractors, metrics and sets of ``--inception``/``--i3d``, checked before anything is computed: the real
-    ``--fid-real`` split (the reference), the synthetic folder and, as the ground-truth row, the held-out real split;
-    clips of the longest FVD length from each video's first frame at ``--fid-fps``."""
-    from lightning_modules.metrics.generative import I3D, INCEPTION, GenerativeMetrics, load_extractor, long_enough
-    from datamodules import EchoNetDataModule
-    from datamodules.errors import UserInputError
-
-    try:
-        lengths = tuple(int(part) for part in args.fvd_lengths.split(","))
-    except ValueError:
-        raise UserInputError(f"--fvd-lengths: expected comma-separated integers such as 16,128, got "
-                             f"{args.fvd_lengths!r}") from None
-    if args.fid_real == args.heldout:
-        raise UserInputError(f"--fid-real {args.fid_real} is also --heldout: the held-out split is the ground-truth "
-                             "row measured against the --fid-real split, so they must differ")
-    inception = load_extractor(args.inception, INCEPTION, args.device) if args.inception is not None else None
-    i3d = load_extractor(args.i3d, I3D, args.device) if args.i3d is not None else None
-    metrics = GenerativeMetrics(inception, i3d, fvd_lengths=lengths, frame_size=(args.fid_size, args.fid_size))
-    frames, fps = max(lengths), "native" if args.fid_fps is None else f"{args.fid_fps:g}"
-    options = dict(sampling="clip", clip_length=frames, period=1, fps=args.fid_fps, eval_start="first",
-                   channels=1, size=args.fid_size, batch_size=args.batch_size, num_workers=0)
-    real = EchoNetDataModule(args.real, **options)
-    real.setup()
-    synthetic = EchoNetDataModule(args.synthetic, predict_split="all", **options)
-    synthetic.setup("predict")
-    sets = {args.fid_real: real.datasets[args.fid_real.lower()], "synthetic": synthetic.datasets["all"],
-            args.heldout: real.datasets[args.heldout.lower()]}
-    for name, dataset in sets.items():
-        usable = len(long_enough(dataset, frames))
-        if min(usable, args.fid_videos or usable) < 2:
-            raise UserInputError(f"evaluate: FID/IS/FVD need at least 2 videos of {frames} frames at {fps} fps in the "
-                                 f"{name} set, found {usable} ({len(dataset) - usable} too short); lower "
-                                 "--fvd-lengths or --fid-fps")
-    return {"metrics": metrics.to(args.device), "sets": sets, "lengths": lengths, "fps": fps}
-
-
-def generative_values(args: argparse.Namespace, setup: dict) -> dict:
-    """FID/IS/FVD of the synthetic set and, as their ground truth, of the held-out real split (``real_*``), each
-    against the real ``--fid-real`` split (:func:`generative_setup`)."""
-    from lightning_modules.metrics.generative import file_checksum, measure_dataset
-
-    metrics, lengths = setup["metrics"], setup["lengths"]
-    counts, values = {}, {}
-    for name, dataset in setup["sets"].items():
-        real = name == args.fid_real
-        counts[name] = measure_dataset(metrics, dataset, real=real, limit=args.fid_videos,
-                                       batch_size=args.batch_size, device=args.device)
-        log.info("evaluate: FID/IS/FVD: %s, %d videos (%d too short for %d frames at %s fps)", name,
-                 counts[name]["videos"], counts[name]["too_short"], max(lengths), setup["fps"])
-        if not real:
-            prefix = "" if name == "synthetic" else "real_"
-            values.update({prefix + key: value for key, value in metrics.compute().items()})
-            metrics.reset_synthetic()
-    extractors = {name: {"path": str(path), "sha256": file_checksum(path)}
-                  for name, path in (("inception", args.inception), ("i3d", args.i3d)) if path is not None}
-    return {"values": values, "reference": args.fid_real, "ground_truth": args.heldout, "videos": counts,
-            "fvd_lengths": list(lengths), "frames_per_video": max(lengths), "fps": args.fid_fps,
-            "size": args.fid_size, "extractors": extractors}
 
 
 def write_outputs(args: argparse.Namespace, values: dict, details: dict, real, synthetic, calibration,
@@ -279,6 +225,8 @@ def write_outputs(args: argparse.Namespace, values: dict, details: dict, real, s
 
 def report(summary: dict, figures: list[str], args: argparse.Namespace) -> str:
     """The Markdown report: the numbers, what they mean, the figures."""
+    from echo_lvdm.evaluate_generative import generative_counts, generative_table_rows
+
     lines = [f"# Coverage report: {args.synthetic}", "",
              f"Real data {args.real} ({summary['training_videos']} training videos, {summary['reference_videos']} "
              f"{args.heldout} videos as reference); {summary['synthetic_videos']} synthetic videos; re-ID "
@@ -299,30 +247,12 @@ def report(summary: dict, figures: list[str], args: argparse.Namespace) -> str:
     lines += [f"| {name} | {summary[name]:.4g} | {text} |" for name, text in meanings.items() if name in summary]
     lines += [f"| {name} | {value:.4g} | coverage of the first {name[9:]} synthetic videos |"
               for name, value in summary.items() if name.startswith("coverage@")]
-    if "generative_metrics" in summary:
-        generative = summary["generative_metrics"]
-        against = f"against real {generative['reference']}"
-        field = {"fid": f"FID of frames {against} (Inception pool features)",
-                 "is": "Inception score of the frames (10 splits)", "is_std": "its standard deviation over splits",
-                 **{f"fvd{length}": f"FVD of {length}-frame clips {against} (I3D features)"
-                    for length in generative["fvd_lengths"]}}
-        for name, text in field.items():
-            if name in summary:
-                truth = summary[f"real_{name}"]
-                lines.append(f"| {name} | {summary[name]:.4g} | {text}; real {generative['ground_truth']}: "
-                             f"{truth:.4g} |")
+    lines += generative_table_rows(summary)
     lines += ["", f"Memorised videos ({len(summary['memorised_videos'])}): "
               + (", ".join(summary["memorised_videos"][:20]) or "none")
               + (" …" if len(summary["memorised_videos"]) > 20 else ""), "",
               "Per-video scores: `synthetic_scores.csv`.", ""]
-    if "generative_metrics" in summary:
-        generative, counts = summary["generative_metrics"], summary["generative_metrics"]["videos"]
-        fps = "its native rate" if generative["fps"] is None else f"{generative['fps']:g} fps"
-        lines += [f"FID/IS/FVD: the first {generative['frames_per_video']} frames of each video at {fps}, "
-                  f"{generative['size']}² px; " + ", ".join(f"{name} {count['videos']} videos"
-                                                         + (f" ({count['too_short']} too short)" if count['too_short']
-                                                            else "") for name, count in counts.items())
-                  + ". They depend on these counts: compare them only at equal counts and clip lengths.", ""]
+    lines += generative_counts(summary)
     captions = {"scores": "Best re-ID score against the training set, synthetic vs held-out real, τ dashed",
                 "coverage": "Coverage against the number of videos compared (it depends on |S|: compare at equal n)",
                 "ef": "EF requested vs read by the regressor", "hits": "How often each training video is the best "
