@@ -312,6 +312,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 SUMMARY = [  # stage, metric, label
+    ("vae", "val/psnr", "VAE reconstruction PSNR, dB (validation frames)"),
+    ("vae", "val/ssim", "VAE reconstruction SSIM (validation frames)"),
     ("reid", "test/auc", "re-ID test AUC"), ("reid", "val/tau", "τ of the re-ID model's own protocol (frames)"),
     ("ef", "test/r2", "EF R² (trained on real, tested on real)"), ("ef", "test/mae", "EF MAE (real → real)"),
     ("anatomy", "val/coverage", "anatomy model: coverage of its frames (last validation)"),

@@ -56,7 +56,9 @@ def test_stages_pass_artifacts_and_finished_stages_are_skipped(tmp_path, caplog,
     assert Path(done(out, "export")["vae"], "config.json").is_file()
     latents = sorted(Path(done(out, "encode")["latent_dir"]).glob("*.safetensors"))
     assert len(latents) == 6 and all(read_meta(path) is not None for path in latents)
-    assert "| vae |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    psnr = vae["metrics"]["val/psnr"]
+    assert "| vae |" in summary and f"| VAE reconstruction PSNR, dB (validation frames) | {psnr:.4g} |" in summary
     stamps = {stage: (out / stage / "DONE.json").stat().st_mtime_ns for stage in ("data", "vae", "export", "encode")}
     caplog.clear()
     assert pipeline(config, out) == 0
