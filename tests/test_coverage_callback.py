@@ -146,23 +146,27 @@ def requested_samples(world, num_samples: int, *, first_frame: bool = False,
                                       **({} if joint is None else dict(image_model=world.anatomy, joint=joint)))
 
 
-def generative_oracle(world, num_samples: int) -> dict[str, float]:
+def generative_oracle(world, num_samples: int, first_frame: bool = False) -> dict[str, float]:
     """FID/IS/FVD (stand-in extractors, numpy/scipy) of the decoded, 8-bit requests 0 … n − 1 and of the first n
-    validation videos, each against the training split's pixel clips under the callback's protocol."""
+    validation videos, each against the training split's pixel clips under the callback's protocol (``first_frame``:
+    the anatomy model's frames against first frames, FID and IS only)."""
     from diffusers import AutoencoderKL
 
     from tests.helpers.extractors import oracle
 
     vae = AutoencoderKL.from_pretrained(world.out / "vae")
-    _, latents = requested_samples(world, num_samples)
+    _, latents = requested_samples(world, num_samples, first_frame=first_frame)
     with torch.no_grad():
         pixels = vae.decode(latents.flatten(0, 1) / vae.config.scaling_factor).sample.unflatten(0, latents.shape[:2])
     synthetic = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    pixel_data = dict(space="pixel", latent_dir=None, latent_posterior="sample", size=tuple(synthetic.shape[-2:]))
+    pixel_data = dict(space="pixel", latent_dir=None, latent_posterior="sample", size=tuple(synthetic.shape[-2:]),
+                      **(dict(clip_length=1, eval_start="first") if first_frame else {}))
     train, val = (((split_videos(world, split, **pixel_data)["video"] + 1) * 127.5).round().to(torch.uint8)
                   for split in ("train", "val"))
-    return {**oracle(train, synthetic, (FRAMES,)),
-            **{f"real_{name}": value for name, value in oracle(train, val[:num_samples], (FRAMES,)).items()}}
+    lengths = () if first_frame else (FRAMES,)
+    values = {**oracle(train, synthetic, lengths),
+              **{f"real_{name}": value for name, value in oracle(train, val[:num_samples], lengths).items()}}
+    return values
 
 
 def synthetic_oracle(world, num_samples: int, *, first_frame: bool = False, written: bool = False,
@@ -271,6 +275,23 @@ def test_fid_is_fvd_of_the_requests_equal_an_oracle(world, tmp_path):
     identity = CoverageCallback(str(world.reid_ckpt), vae=str(world.out / "vae"), inception=str(inception))
     with pytest.raises(ValueError, match="measure what the generator ships, fully synthetic videos: give anatomy"):
         validate(world.diffusion, identity, tmp_path / "identity", world.data)
+
+
+def test_an_anatomy_fit_logs_the_fid_and_is_of_its_frames_against_first_frames(world, tmp_path):
+    from tests.helpers.extractors import save_stand_ins
+
+    inception, i3d = save_stand_ins(tmp_path / "extractors")
+    callback = CoverageCallback(str(world.reid_ckpt), vae=str(world.out / "vae"), num_samples=12, batch_size=4, k=2,
+                                cache_dir=str(tmp_path / "cache"), inception=str(inception))
+    values = validate(world.anatomy, callback, tmp_path, {**world.data, "sampling": "frames", "num_frames": 2})
+    expected = generative_oracle(world, 12, first_frame=True)
+    # The 5 validation frames are fewer than IS's 10 splits: the ground-truth row has FID only
+    assert set(expected) == {"fid", "is", "is_std", "real_fid"} and "real_is" not in values
+    for name, value in expected.items():
+        assert values[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    with pytest.raises(ValueError, match="an anatomy fit samples frames: FVD needs videos"):
+        validate(world.anatomy, CoverageCallback(str(world.reid_ckpt), vae=str(world.out / "vae"), i3d=str(i3d)),
+                 tmp_path / "fvd", {**world.data, "sampling": "frames", "num_frames": 2})
 
 
 def test_joint_samples_are_measured_as_the_writer_samples_them(world, tmp_path):

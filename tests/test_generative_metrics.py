@@ -70,6 +70,14 @@ def test_is_splits_follow_the_given_order_not_the_order_of_the_calls(extractors)
     assert metrics.compute()["is"] != pytest.approx(expected, rel=1e-6)
 
 
+def test_is_is_left_out_below_one_frame_per_split(extractors, caplog):
+    metrics = GenerativeMetrics(extractors[0], None, frame_size=(16, 16))
+    metrics.update(videos(0, 4, frames=2), real=True)
+    metrics.update(videos(1, 4, frames=2), real=False)  # 8 frames, 10 splits
+    values = metrics.compute()
+    assert set(values) == {"fid"} and "IS left out: IS needs at least 10 frames (one per split), got 8" in caplog.text
+
+
 def test_temporal_order_moves_fvd_not_fid(extractors):
     real = videos(0, 40)
     shuffled = real[:, torch.randperm(16, generator=torch.Generator().manual_seed(0))]

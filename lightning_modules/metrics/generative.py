@@ -24,6 +24,7 @@ shuffles with the global random generator.
 from __future__ import annotations
 
 import hashlib
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.utilities.data import dim_zero_cat
 
 from datamodules.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
@@ -119,6 +122,10 @@ class I3DFeatures(_Adapter):
         return self.network(clips.float(), rescale=True, resize=True, return_features=True)
 
 
+class TooFewFrames(ValueError):
+    """Fewer frames than IS has splits."""
+
+
 class OrderedInceptionScore(InceptionScore):
     """IS as StyleGAN-V's ``is50k`` computes it: ``splits`` consecutive parts in sample order, exp of the mean KL
     divergence of each sample's class probabilities from its part's mean, then the mean and population standard
@@ -148,7 +155,7 @@ class OrderedInceptionScore(InceptionScore):
         probabilities = dim_zero_cat(self.features).double()[torch.argsort(dim_zero_cat(self.order), stable=True)]
         count = probabilities.shape[0]
         if count < self.splits:
-            raise ValueError(f"IS needs at least {self.splits} frames (one per split), got {count}")
+            raise TooFewFrames(f"IS needs at least {self.splits} frames (one per split), got {count}")
         scores = []
         for part in range(self.splits):
             p = probabilities[part * count // self.splits:(part + 1) * count // self.splits]
@@ -228,8 +235,11 @@ class GenerativeMetrics(nn.Module):
         values = {}
         if self.fid is not None:
             values["fid"] = float(self.fid.compute())
-            mean, std = self.inception_score.compute()
-            values.update({"is": float(mean), "is_std": float(std)})
+            try:
+                mean, std = self.inception_score.compute()
+                values.update({"is": float(mean), "is_std": float(std)})
+            except TooFewFrames as err:  # e.g. a small validation split as the ground-truth row
+                log.warning("IS left out: %s", err)
         for length, metric in zip(self.fvd_lengths, self.fvd.values()):
             values[f"fvd{length}"] = float(metric.compute())
         return values

@@ -100,7 +100,9 @@ def oracle(real: torch.Tensor, fake: torch.Tensor, lengths: tuple[int, ...]) -> 
 
         values = {"fid": frechet(inception(frames(real), return_features=True).double().numpy(),
                                  inception(frames(fake), return_features=True).double().numpy())}
-        values["is"], values["is_std"] = inception_score(inception(frames(fake), no_output_bias=True).double().numpy())
+        if frames(fake).shape[0] >= 10:  # one frame per split at least, or IS is left out
+            values["is"], values["is_std"] = inception_score(inception(frames(fake), no_output_bias=True).double()
+                                                             .numpy())
         for length in lengths:
             values[f"fvd{length}"] = frechet(
                 i3d(clips(real, length), rescale=True, resize=True, return_features=True).double().numpy(),
