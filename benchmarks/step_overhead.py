@@ -70,7 +70,8 @@ def bare_loss(module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     reference = latents[torch.arange(batch_size, device=device), reference_frame]
     reference = torch.where(drop_reference.view(-1, 1, 1, 1), torch.zeros_like(reference), reference)
     noisy = module.noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = module.denoise(noisy, timesteps, module.conditioner(ef, drop_ef), reference, fps)
+    tokens, ef_ids = module.condition(ef, drop_ef)
+    prediction = module.denoise(noisy, timesteps, tokens, reference, fps, ef_ids=ef_ids)
     target = module.noise_scheduler.get_velocity(latents, noise, timesteps)
     return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1).mean()
 

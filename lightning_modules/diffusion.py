@@ -36,10 +36,14 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
     as the DataModule serves them (``space: latent``, scaled). Objective: ``prediction_type`` (v-prediction by default)
     under a diffusers :class:`DDPMScheduler`; sampling with DDIM, DPM-Solver++, Euler or DDPM (:meth:`sample`).
 
-    Conditioning. EF → :class:`EFConditioner` token → cross-attention. In ``mode="video"`` a clean reference latent frame
+    Conditioning. EF → :class:`EFConditioner` token → cross-attention (``ef_embedding="token"``); or EF as a second
+    added time id beside fps, whose embedding the UNet adds to the timestep embedding of every ResNet block (``"time"``:
+    SVD's ``added_time_ids`` path; the cross-attention then reads the null token only); or both (``"both"``). In
+    ``mode="video"`` a clean reference latent frame
     of the same video (a random frame of the clip in training, the first in evaluation) is concatenated on channels to
     every noisy frame (UNet ``in_channels = 2 × latent_channels``). The clip's fps goes in as the UNet's added time id.
-    Classifier-free guidance is trained: each sample's EF is replaced by the learned null token with probability
+    Classifier-free guidance is trained: each sample's EF is replaced by the learned null token (and null time id)
+    with probability
     ``ef_dropout`` and its reference by zeros with probability ``reference_dropout`` (independently).
 
     ``mode="image"`` is the anatomy model: frames of a ``sampling: frames`` batch are folded into single-frame clips
@@ -78,6 +82,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         cross_attention_dim: int = 256,
         addition_time_embed_dim: int = 32,
         ef_conditioning: bool = True,
+        ef_embedding: Literal["token", "time", "both"] = "token",
         reference_conditioning: bool = True,
         ef_dropout: float = 0.1,
         reference_dropout: float = 0.0,
@@ -104,6 +109,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         if mode == "image" and reference_conditioning:
             raise ValueError("mode='image' is the anatomy model that generates reference frames: set "
                              "reference_conditioning: false")
+        if ef_embedding not in ("token", "time", "both"):
+            raise ValueError(f"ef_embedding must be 'token', 'time' or 'both', got {ef_embedding!r}")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         for name, p in (("ef_dropout", ef_dropout), ("reference_dropout", reference_dropout)):
@@ -122,7 +129,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             num_attention_heads=tuple(max(1, c // attention_head_dim) for c in block_out_channels),
             cross_attention_dim=cross_attention_dim,
             addition_time_embed_dim=addition_time_embed_dim,
-            projection_class_embeddings_input_dim=addition_time_embed_dim,  # one added time id: fps
+            # added time ids: fps, and EF where it is embedded with the timestep
+            projection_class_embeddings_input_dim=addition_time_embed_dim * (1 if ef_embedding == "token" else 2),
         )
         self.conditioner = EFConditioner(cross_attention_dim)
         self.noise_scheduler = DDPMScheduler(
@@ -139,16 +147,32 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         self.latent_space: dict | None = None
 
     # ------------------------------------------------------------------------------------------------ network
+    def condition(self, ef: torch.Tensor | None, drop: torch.Tensor | None = None, batch_size: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """EF ``(B,)`` percent (None: unconditional; then ``batch_size``) → what :meth:`denoise` reads: cross-attention
+        tokens ``(B, 1, D)`` and, unless ``ef_embedding="token"``, EF time ids ``(B,)`` — null where ``drop``."""
+        mode, count = self.hparams.ef_embedding, batch_size if ef is None else len(ef)
+        tokens = self.conditioner(None if mode == "time" else ef, drop, batch_size=count)
+        ef_ids = None if mode == "token" else EFConditioner.time_ids(ef, drop, count).to(tokens.device)
+        return tokens, ef_ids
+
     def denoise(self, noisy: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor,
-                reference: torch.Tensor | None, fps: torch.Tensor) -> torch.Tensor:
+                reference: torch.Tensor | None, fps: torch.Tensor, ef_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """The UNet's prediction for ``noisy`` ``(B, T, C, h, w)`` at ``timestep`` (scalar or ``(B,)``) given EF
-        ``tokens`` ``(B, 1, D)``, a reference latent ``(B, C, h, w)`` (zeros = none; ignored in image mode) and fps
-        ``(B,)``."""
+        ``tokens`` ``(B, 1, D)`` and ``ef_ids`` ``(B,)`` (:meth:`condition`), a reference latent ``(B, C, h, w)``
+        (zeros = none; ignored in image mode) and fps ``(B,)``."""
         if self.hparams.reference_conditioning:
             if reference is None:
                 reference = noisy.new_zeros(noisy.shape[0], *noisy.shape[2:])
             noisy = torch.cat([noisy, reference.unsqueeze(1).expand_as(noisy)], dim=2)
-        return self.unet(noisy, timestep, encoder_hidden_states=tokens, added_time_ids=fps.view(-1, 1).to(noisy.dtype),
+        time_ids = fps.view(-1, 1)
+        if self.hparams.ef_embedding != "token":
+            if ef_ids is None:
+                raise ValueError(f"ef_embedding={self.hparams.ef_embedding!r}: denoise needs the EF time ids "
+                                 "(VideoDiffusionModule.condition)")
+            time_ids = torch.cat([time_ids, ef_ids.view(-1, 1).to(time_ids)], dim=1)
+        return self.unet(noisy, timestep, encoder_hidden_states=tokens, added_time_ids=time_ids.to(noisy.dtype),
                          return_dict=False)[0]
 
     # ---------------------------------------------------------------------------------------------- training
@@ -210,7 +234,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         reference = latents[torch.arange(batch_size, device=self.device), reference_frame]
         reference = torch.where(drop_reference.view(-1, 1, 1, 1), torch.zeros_like(reference), reference)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = self.denoise(noisy, timesteps, self.conditioner(ef, drop_ef), reference, fps)
+        tokens, ef_ids = self.condition(ef, drop_ef)
+        prediction = self.denoise(noisy, timesteps, tokens, reference, fps, ef_ids=ef_ids)
         if hp.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:

@@ -114,17 +114,18 @@ def guided_prediction(model, ef: torch.Tensor | None, reference: torch.Tensor | 
     conditioned."""
     hp = model.hparams
     fps_tensor = torch.full((count,), fps, device=model.device)
-    tokens = model.conditioner(ef if hp.ef_conditioning else None, batch_size=count)
-    null_tokens = model.conditioner(None, batch_size=count)
+    condition = model.condition(ef if hp.ef_conditioning else None, batch_size=count)
+    null_condition = model.condition(None, batch_size=count)
     unguided_reference = None if guide_reference else reference
     use_guidance = guidance != 1.0 and (ef is not None and hp.ef_conditioning or guide_reference)
 
     def at(timestep: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         def predict(noisy: torch.Tensor) -> torch.Tensor:
-            conditional = model.denoise(noisy, timestep, tokens, reference, fps_tensor)
+            conditional = model.denoise(noisy, timestep, condition[0], reference, fps_tensor, ef_ids=condition[1])
             if not use_guidance:
                 return conditional
-            unconditional = model.denoise(noisy, timestep, null_tokens, unguided_reference, fps_tensor)
+            unconditional = model.denoise(noisy, timestep, null_condition[0], unguided_reference, fps_tensor,
+                                          ef_ids=null_condition[1])
             return unconditional + guidance * (conditional - unconditional)
         return predict
     return at

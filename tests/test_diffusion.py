@@ -83,6 +83,56 @@ def test_guidance_dropout_replaces_conditions_in_training_batches():
     assert (unconditional_calls[-1][1] == unconditional.conditioner.null).all()
 
 
+def capture_time_ids(module: VideoDiffusionModule) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Record (encoder_hidden_states, added_time_ids) of every UNet call."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(_unet, args, kwargs):
+        calls.append((kwargs["encoder_hidden_states"].detach().clone(), kwargs["added_time_ids"].detach().clone()))
+
+    module.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("embedding", ["time", "both"])
+def test_ef_as_added_time_id_is_dropped_with_the_token(embedding):
+    """``ef_embedding="time"``: EF reaches the UNet as a second added time id (10 × EF, the null id where guidance
+    dropout drew it), the cross-attention reads the null token only; ``"both"``: token and time id, dropped together.
+    Guided sampling gives the unconditional branch the null id."""
+    from lightning_modules.components.ef_conditioning import NULL_EF_TIME_ID
+
+    torch.manual_seed(0)
+    module = VideoDiffusionModule(**TINY_DIFFUSION, ef_dropout=0.5, ef_embedding=embedding)
+    calls = capture_time_ids(module)
+    batch = contract_batch(32, 3)
+    module._shared_step(batch, "train")
+    tokens, time_ids = calls[-1]
+    null = module.conditioner.null.detach()
+    assert time_ids.shape == (32, 2) and torch.equal(time_ids[:, 0], batch["fps"])
+    dropped = time_ids[:, 1] == NULL_EF_TIME_ID
+    assert 0.3 < dropped.float().mean() < 0.7
+    torch.testing.assert_close(time_ids[~dropped, 1], 10.0 * batch["ef"][~dropped])
+    token_dropped = (tokens == null).all(dim=-1).squeeze(1)
+    assert token_dropped.all() if embedding == "time" else torch.equal(token_dropped, dropped)
+
+    # EF moves the prediction through the time embedding alone (the token being the same null in "time" mode).
+    noisy = torch.randn(2, 3, 4, 8, 8)
+    with torch.no_grad():
+        low, high = (module.denoise(noisy, torch.tensor(500), tokens, None, batch["fps"][:2], ef_ids=ef_ids)
+                     for tokens, ef_ids in (module.condition(torch.full((2,), ef)) for ef in (20.0, 80.0)))
+    assert (low - high).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="time ids"):
+        module.denoise(noisy, torch.tensor(500), module.condition(torch.full((2,), 20.0))[0], None, batch["fps"][:2])
+
+    calls.clear()
+    module.train_num_frames.fill_(3), module.train_fps.fill_(12.5), module.latent_shape.copy_(torch.tensor([4, 8, 8]))
+    module.sample(ef=[30.0, 70.0], reference=torch.zeros(2, 4, 8, 8), steps=1, guidance_scale=2.0)
+    assert len(calls) == 2
+    assert calls[0][1][:, 1].tolist() == [300.0, 700.0] and (calls[1][1][:, 1] == NULL_EF_TIME_ID).all()
+    with pytest.raises(ValueError, match="ef_embedding"):
+        VideoDiffusionModule(**TINY_DIFFUSION, ef_embedding="class")
+
+
 def test_null_token_is_learned():
     torch.manual_seed(0)
     module = VideoDiffusionModule(**TINY_DIFFUSION, ef_dropout=1.0)
@@ -115,7 +165,7 @@ def stub_denoiser(module: VideoDiffusionModule, frame_local: bool) -> list[int]:
     (that plus each frame's position inside its window). Returns the window lengths it was called with."""
     lengths: list[int] = []
 
-    def denoise(noisy, timestep, tokens, reference, fps):
+    def denoise(noisy, timestep, tokens, reference, fps, ef_ids=None):
         lengths.append(noisy.shape[1])
         out = 0.3 * noisy + 0.05 * tokens.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
         if not frame_local:

@@ -82,7 +82,7 @@ def stub_models() -> tuple[VideoDiffusionModule, VideoDiffusionModule]:
 
 def record_calls(module: VideoDiffusionModule, calls: list, name: str, value: float) -> None:
     """Replace the UNet by a constant prediction ``value`` per frame, recording who was called with what."""
-    def denoise(noisy, timestep, tokens, reference, fps):
+    def denoise(noisy, timestep, tokens, reference, fps, ef_ids=None):
         calls.append((name, float(timestep), tuple(noisy.shape), reference is not None, float(fps[0])))
         return torch.full_like(noisy, value)
     module.denoise = denoise

@@ -1,11 +1,16 @@
 """EF conditioning for the diffusion UNet: a learned embedding as a one-token cross-attention sequence, and a learned
-null token that replaces it for classifier-free guidance."""
+null token that replaces it for classifier-free guidance; or the EF as an added time id (SVD's ``added_time_ids``
+path, which adds its embedding to the timestep embedding of every ResNet block), with a null id for guidance."""
 
 from __future__ import annotations
 
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
+
+# The added time id of "no EF" (classifier-free guidance's unconditional branch): EF ids are 10 × EF in 0–1000, and
+# the sinusoids of −1000 differ from every one of them (sine is odd).
+NULL_EF_TIME_ID = -1000.0
 
 
 class EFConditioner(nn.Module):
@@ -41,3 +46,19 @@ class EFConditioner(nn.Module):
         if drop is None:
             return tokens
         return torch.where(drop.view(-1, 1, 1), self.null.expand_as(tokens), tokens)
+
+    @staticmethod
+    def time_ids(ef: torch.Tensor | None, drop: torch.Tensor | None = None, batch_size: int | None = None
+                 ) -> torch.Tensor:
+        """EF as an added time id ``(B,)``: ``10 × EF`` (the token's scale), :data:`NULL_EF_TIME_ID` where ``drop`` is
+        True or for every sample when ``ef`` is None (then ``batch_size`` is required)."""
+        if ef is None:
+            if batch_size is None:
+                raise ValueError("EFConditioner.time_ids: batch_size is required when ef is None")
+            return torch.full((batch_size,), NULL_EF_TIME_ID)
+        if ef.ndim != 1:
+            raise ValueError(f"EFConditioner expects EF of shape (B,), got {tuple(ef.shape)}")
+        ids = ef.float() * 10.0
+        if drop is None:
+            return ids
+        return torch.where(drop, torch.full_like(ids, NULL_EF_TIME_ID), ids)
