@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
@@ -72,6 +73,9 @@ class EchoNetDataModule(L.LightningDataModule):
             copies of its first A frames *in pixels* (read from the video in latent space too), each under a random
             near-copy transform (:mod:`datamodules.augment`) — extra positives for the re-identification model,
             which encodes them with the VAE in latent space (``ReIDModule(augment_vae=…)``). 0: off.
+        train_videos: train on this many of the training split's videos (after skips), the same ones in every run
+            and process (a fixed-seed draw without replacement, kept in FileList order) — e.g. a regressor trained
+            on real videos at the size of a synthetic training set. None: all.
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class EchoNetDataModule(L.LightningDataModule):
         latent_scaled: bool = True,
         vae_checksum: str | None = None,
         augment_frames: int = 0,
+        train_videos: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -117,6 +122,8 @@ class EchoNetDataModule(L.LightningDataModule):
             raise UserInputError(f"pad must be one of {PAD_MODES}, got {pad!r}")
         if fps is not None and period != 1:
             raise UserInputError(f"give either period ({period}) or fps ({fps}), not both")
+        if train_videos is not None and train_videos < 1:
+            raise UserInputError(f"train_videos must be ≥ 1 (or null: all), got {train_videos}")
         if clip_length < 1 or num_frames < 1 or period < 1 or batch_size < 1:
             raise UserInputError("clip_length, num_frames, period and batch_size must be ≥ 1")
         if space not in ("pixel", "latent"):
@@ -154,13 +161,16 @@ class EchoNetDataModule(L.LightningDataModule):
                 raise DataValidationError(f"{filelist}: a header and no rows (expected one row per video)")
             labels = "/".join(SPLITS)
             raise DataValidationError(f"{filelist}: no row has Split={split.upper()} (expected {labels})")
+        records = table.records
+        if split == "train" and hp.train_videos is not None:
+            records = self._train_subset(records, table.root / "FileList.csv")
         options = dict(sampling=hp.sampling, clip_length=hp.clip_length, period=hp.period if hp.fps is None else None,
                        target_fps=hp.fps, num_frames=hp.num_frames, pad=hp.pad, channels=hp.channels, size=hp.size,
                        eval_seed=hp.eval_seed, eval_start=hp.eval_start,
                        augment_frames=hp.augment_frames if split == "train" else 0)
         if hp.space == "pixel":
-            return EchoNetVideoDataset(table.records, **options)
-        records, scaling_factor, problems = cached_records(table.records, hp.latent_dir, hp.vae_checksum)
+            return EchoNetVideoDataset(records, **options)
+        records, scaling_factor, problems = cached_records(records, hp.latent_dir, hp.vae_checksum)
         if problems:
             filelist = table.root / "FileList.csv"
             bad = [BadEntry(filelist, r.line, r.file_name, "latent cache", problem) for r, problem in problems]
@@ -172,6 +182,14 @@ class EchoNetDataModule(L.LightningDataModule):
         options.pop("size")
         return EchoNetLatentDataset(records, hp.latent_dir, scaling_factor=scaling_factor,
                                     posterior=hp.latent_posterior, scaled=hp.latent_scaled, **options)
+
+    def _train_subset(self, records: list, filelist: Path) -> list:
+        wanted = self.hparams.train_videos
+        if wanted > len(records):
+            raise DataValidationError(f"{filelist}: data.train_videos {wanted} asks for more training videos than the "
+                                      f"split has ({len(records)} usable TRAIN rows)")
+        keep = np.sort(np.random.default_rng(0).permutation(len(records))[:wanted])
+        return [records[i] for i in keep]
 
     def setup(self, stage: str | None = None) -> None:
         """Read and check every split the stage needs; all broken entries of all of them are reported together."""

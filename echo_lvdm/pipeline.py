@@ -10,7 +10,10 @@ writer continue where they stopped. ``--redo STAGE`` runs that stage and every l
 
 Stages: data (phantom) → vae → export (diffusers folder) → encode (latent cache) → reid (+τ) → ef (+ test on real)
 → anatomy → video (with the CoverageCallback) → generate (SyntheticDatasetWriter) → ef_synthetic (trained on
-synthetic, tested on real) → evaluate (report). ``DIR/summary.md`` holds the final table.
+synthetic, tested on real) → evaluate (report). ``DIR/summary.md`` holds the final table. Two stages run only when
+the pipeline config names them (the seed paper's baselines): reid_pixel (the same re-ID schedule on pixels: its test
+AUC and training time beside the latent model's) and ef_matched (an EF regressor trained on as many real videos as the
+synthetic dataset's TRAIN split holds, tested on real: the synthetic → real transfer at equal training size).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Stage:
     describe: str
     outputs: tuple[str, ...] = ()  # folders under the run folder besides <name>/ (removed by --redo)
     command: str | None = None  # the LightningCLI command the stage runs (its configs and args are checked up front)
+    optional: bool = False  # runs only when the pipeline config's ``stages`` names it
 
 
 class Run:
@@ -127,11 +131,15 @@ class Run:
         resume = _newest(folder, "last.ckpt")
         if resume is not None:
             log.info("pipeline: %s resumes from %s", name, resume)
+        begin = time.monotonic()
         self.lightning(name, "fit", overlay, *args, *(["--ckpt_path", str(resume)] if resume is not None else []))
+        seconds = time.monotonic() - begin
         checkpoint = _newest(folder, "last.ckpt")
         if checkpoint is None:
             raise RuntimeError(f"pipeline: stage {name} wrote no last.ckpt under {folder}")
-        return {"checkpoint": str(checkpoint), "metrics": last_metrics(folder)}
+        # fit_seconds: this job's fit alone (no test); a resumed fit counts only what it ran, and says so
+        return {"checkpoint": str(checkpoint), "metrics": last_metrics(folder), "fit_seconds": round(seconds, 1),
+                "fit_resumed": resume is not None}
 
     def test(self, name: str, checkpoint: str, overlay: dict[str, Any], *args: str) -> dict[str, float]:
         folder = self.folder(f"{name}_test")
@@ -177,6 +185,13 @@ def stage_reid(job: Run) -> dict[str, Any]:
     overlay = _merge(_latent_data(job), {"model": {"init_args": {"augment_vae": job.artifact("export", "vae")}}})
     result = job.fit("reid", overlay)
     result["metrics"].update(job.test("reid", result["checkpoint"], _latent_data(job)))
+    return result
+
+
+def stage_reid_pixel(job: Run) -> dict[str, Any]:
+    data = {"data": {"root": job.artifact("data", "root")}}
+    result = job.fit("reid_pixel", data)
+    result["metrics"].update(job.test("reid_pixel", result["checkpoint"], data))
     return result
 
 
@@ -239,6 +254,19 @@ def stage_ef_synthetic(job: Run) -> dict[str, Any]:
     return result
 
 
+def stage_ef_matched(job: Run) -> dict[str, Any]:
+    filelist = Path(job.artifact("generate", "synthetic")) / "FileList.csv"
+    with open(filelist, newline="") as handle:
+        count = sum(row.get("Split", "").upper() == "TRAIN" for row in csv.DictReader(handle))
+    if count == 0:
+        raise RuntimeError(f"pipeline: stage ef_matched: {filelist} has no TRAIN row to match")
+    data = {"data": {"root": job.artifact("data", "root"), "train_videos": count}}
+    result = job.fit("ef_matched", data)
+    result["metrics"].update(job.test("ef_matched", result["checkpoint"], {"data": {"root": job.artifact("data", "root")}}))
+    result["metrics"]["train_videos"] = count
+    return result
+
+
 def stage_evaluate(job: Run) -> dict[str, Any]:
     out = job.out / "evaluation"
     job.plain("evaluate", "evaluate", "--real", job.artifact("data", "root"), "--synthetic",
@@ -254,11 +282,15 @@ STAGES = [
     Stage("export", stage_export, "VAE → diffusers folder"),
     Stage("encode", stage_encode, "latent cache", ("latents",), command="predict"),
     Stage("reid", stage_reid, "re-ID fit, τ, test", ("reid_test",), command="fit"),
+    Stage("reid_pixel", stage_reid_pixel, "re-ID on pixels, fit and test (baseline)", ("reid_pixel_test",),
+          command="fit", optional=True),
     Stage("ef", stage_ef, "EF regressor fit and test on real", ("ef_test",), command="fit"),
     Stage("anatomy", stage_anatomy, "anatomy (image) diffusion fit", command="fit"),
     Stage("video", stage_video, "video diffusion fit with coverage", command="fit"),
     Stage("generate", stage_generate, "privacy-filtered synthetic dataset", ("synthetic",), command="predict"),
     Stage("ef_synthetic", stage_ef_synthetic, "EF regressor on synthetic, tested on real", ("ef_synthetic_test",), command="fit"),
+    Stage("ef_matched", stage_ef_matched, "EF regressor on as many real videos as synthetic, tested on real",
+          ("ef_matched_test",), command="fit", optional=True),
     Stage("evaluate", stage_evaluate, "coverage report", ("evaluation",)),
 ]
 
@@ -266,30 +298,32 @@ STAGES = [
 # ------------------------------------------------------------------------------------------------------- running
 def run(args: argparse.Namespace) -> int:
     config = read_yaml(args.config) or {}
-    names = [stage.name for stage in STAGES]
+    named = set(config.get("stages", {}))
+    stages = [stage for stage in STAGES if not stage.optional or stage.name in named]
+    names = [stage.name for stage in stages]
     for option in ("redo", "stop_after"):
         if getattr(args, option) is not None and getattr(args, option) not in names:
             raise ValueError(f"pipeline: --{option.replace('_', '-')} {getattr(args, option)!r} is not a stage; "
                              f"stages: {', '.join(names)}")
-    unknown = set(config.get("stages", {})) - set(names)
+    unknown = named - {stage.name for stage in STAGES}
     if unknown:
         raise ValueError(f"pipeline: {args.config}: unknown stage(s) {', '.join(sorted(unknown))}; "
-                         f"stages: {', '.join(names)}")
+                         f"stages: {', '.join(stage.name for stage in STAGES)}")
     job = Run(config, args.out, repo=args.config.resolve().parents[2] if _in_configs(args.config) else Path.cwd())
     if args.redo:
         # From scratch, and up front: a fit must not resume from the last run's checkpoint, and a redo killed midway
         # must not leave later stages' old results for the next run to skip.
-        for stage in STAGES[names.index(args.redo):]:
+        for stage in stages[names.index(args.redo):]:
             for folder in (stage.name, *stage.outputs):
                 shutil.rmtree(job.out / folder, ignore_errors=True)
-    last = names.index(args.stop_after) if args.stop_after else len(STAGES) - 1
-    for stage in STAGES[: last + 1]:
+    last = names.index(args.stop_after) if args.stop_after else len(stages) - 1
+    for stage in stages[: last + 1]:
         if stage.command and not (job.out / stage.name / "DONE.json").is_file():
             job.check(stage)
     started = time.monotonic()
-    for number, stage in enumerate(STAGES, 1):
+    for number, stage in enumerate(stages, 1):
         done = job.out / stage.name / "DONE.json"
-        prefix = f"[{number}/{len(STAGES)}] {stage.name:<12}"
+        prefix = f"[{number}/{len(stages)}] {stage.name:<12}"
         if done.is_file():
             job.artifacts[stage.name] = json.loads(done.read_text())
             log.info("%s done earlier (%.0f s), skipped", prefix, job.artifacts[stage.name]["seconds"])
@@ -315,6 +349,7 @@ SUMMARY = [  # stage, metric, label
     ("vae", "val/psnr", "VAE reconstruction PSNR, dB (validation frames)"),
     ("vae", "val/ssim", "VAE reconstruction SSIM (validation frames)"),
     ("reid", "test/auc", "re-ID test AUC"), ("reid", "val/tau", "τ of the re-ID model's own protocol (frames)"),
+    ("reid_pixel", "test/auc", "re-ID test AUC, the same schedule on pixels"),
     ("ef", "test/r2", "EF R² (trained on real, tested on real)"), ("ef", "test/mae", "EF MAE (real → real)"),
     ("anatomy", "val/coverage", "anatomy model: coverage of its frames (last validation)"),
     ("anatomy", "val/reference_coverage", "anatomy model: reference coverage (validation frames)"),
@@ -330,6 +365,8 @@ SUMMARY = [  # stage, metric, label
     ("generate", "kept", "synthetic videos kept"), ("generate", "dropped", "dropped by the privacy filter"),
     ("ef_synthetic", "test/r2", "EF R² (trained on synthetic, tested on real)"),
     ("ef_synthetic", "test/mae", "EF MAE (synthetic → real)"),
+    ("ef_matched", "train_videos", "EF regressor trained on real at the synthetic TRAIN size: videos"),
+    ("ef_matched", "test/r2", "EF R² (trained on that many real, tested on real)"),
     ("evaluate", "coverage", "coverage of the synthetic dataset"),
     ("evaluate", "reference_coverage", "reference coverage (held-out real)"),
     ("evaluate", "memorization_rate", "memorisation rate of the synthetic dataset"),
@@ -346,6 +383,11 @@ def summary_table(job: Run) -> str:
         value = job.artifacts.get(stage, {}).get("metrics", {}).get(key)
         if value is not None:
             lines.append(f"| {label} | {value:.4g} |" if isinstance(value, float) else f"| {label} | {value} |")
+    latent, pixel = job.artifacts.get("reid", {}), job.artifacts.get("reid_pixel", {})
+    if latent.get("fit_seconds") and pixel.get("fit_seconds"):
+        resumed = " (a fit resumed: partial)" if latent.get("fit_resumed") or pixel.get("fit_resumed") else ""
+        lines.append(f"| re-ID training time, pixel / latent: {pixel['fit_seconds']:.0f} s / {latent['fit_seconds']:.0f} s"
+                     f"{resumed} | {pixel['fit_seconds'] / latent['fit_seconds']:.2f}× |")
     # Coverage depends on |S|: the training-time and the dataset's coverage side by side at equal sample counts.
     video = job.artifacts.get("video", {}).get("metrics", {})
     dataset = job.artifacts.get("evaluate", {}).get("metrics", {})

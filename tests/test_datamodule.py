@@ -11,6 +11,8 @@ import torch
 from datamodules.clips import clip_indices, max_clip_start
 from datamodules.datamodule import EchoNetDataModule
 from datamodules.dataset import patient_id
+from datamodules.errors import UserInputError
+from datamodules.filelist import DataValidationError
 from datamodules.video_io import write_video
 from tests.helpers.data import make_counter_folder, write_filelist
 
@@ -203,3 +205,25 @@ def test_checkpointed_hyperparameters_load_with_weights_only(counter_folder, tmp
     torch.save({"datamodule_hyper_parameters": dict(dm.hparams)}, tmp_path / "state.ckpt")
     loaded = torch.load(tmp_path / "state.ckpt", weights_only=True)
     assert loaded["datamodule_hyper_parameters"]["root"] == str(counter_folder)
+
+
+def test_train_videos_draws_the_same_training_subset_in_every_run(phantom_root):
+    """`train_videos: n` trains on n of the TRAIN videos — the same n in every run, kept in FileList order — and
+    leaves validation and test whole; more than the split holds is refused naming the FileList."""
+    full = EchoNetDataModule(phantom_root, batch_size=2)
+    full.setup("fit")
+    names = [record.file_name for record in full.datasets["train"].records]
+    subsets = []
+    for _ in range(2):
+        dm = EchoNetDataModule(phantom_root, batch_size=2, train_videos=3)
+        dm.setup("fit")
+        subsets.append([record.file_name for record in dm.datasets["train"].records])
+        assert len(dm.datasets["val"]) == len(full.datasets["val"])
+        assert sum(len(batch["index"]) for batch in dm.train_dataloader()) == 3
+    assert subsets[0] == subsets[1] and len(set(subsets[0])) == 3
+    assert subsets[0] == [name for name in names if name in subsets[0]]  # FileList order
+    assert subsets[0] != names[:3] or len(names) == 3  # a draw, not the first rows
+    with pytest.raises(DataValidationError, match=rf"FileList.csv: data.train_videos {len(names) + 1} .*\({len(names)} usable"):
+        EchoNetDataModule(phantom_root, train_videos=len(names) + 1).setup("fit")
+    with pytest.raises(UserInputError, match="train_videos must be ≥ 1"):
+        EchoNetDataModule(phantom_root, train_videos=0)

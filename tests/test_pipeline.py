@@ -152,3 +152,50 @@ def test_training_time_coverage_samples_what_the_generate_stage_ships(capsys, tm
                                "--trainer.callbacks", json.dumps([spec]))
         (callback,) = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("CoverageCallback")]
         assert {key: callback["init_args"][key] for key in spec["init_args"]} == spec["init_args"]
+
+
+def test_optional_stages_run_only_when_the_config_names_them(tmp_path, caplog, monkeypatch):
+    """reid_pixel and ef_matched (the seed paper's baselines) are left out of a pipeline that does not name them; named,
+    they run in their place in the order, and the summary sets the pixel re-ID's training time beside the latent's."""
+    ran = []
+
+    def stage(name, fit_seconds=None):
+        def run(job):
+            ran.append(name)
+            return {"metrics": {"test/auc": 0.9}, **({"fit_seconds": fit_seconds} if fit_seconds else {})}
+        return run
+
+    stages = [pipeline_command.Stage("data", stage("data"), "data"),
+              pipeline_command.Stage("reid", stage("reid", 10.0), "latent"),
+              pipeline_command.Stage("reid_pixel", stage("reid_pixel", 35.0), "pixel", optional=True),
+              pipeline_command.Stage("ef", stage("ef"), "ef")]
+    monkeypatch.setattr(pipeline_command, "STAGES", stages)
+    caplog.set_level(logging.INFO)
+    plain, named = tmp_path / "plain.yaml", tmp_path / "named.yaml"
+    plain.write_text(yaml.safe_dump({"stages": {"reid": {}}}))
+    named.write_text(yaml.safe_dump({"stages": {"reid": {}, "reid_pixel": {}}}))
+    assert main(["pipeline", "--config", str(plain), "--out", str(tmp_path / "a")]) == 0
+    assert ran == ["data", "reid", "ef"] and "[3/3] ef" in caplog.text
+    assert "pixel / latent" not in (tmp_path / "a" / "summary.md").read_text()
+    with pytest.raises(ValueError, match="'reid_pixel' is not a stage"):  # not named: not a stage of this pipeline
+        main(["pipeline", "--config", str(plain), "--out", str(tmp_path / "a"), "--stop-after", "reid_pixel"])
+    ran.clear()
+    assert main(["pipeline", "--config", str(named), "--out", str(tmp_path / "b")]) == 0
+    assert ran == ["data", "reid", "reid_pixel", "ef"] and "[4/4] ef" in caplog.text
+    assert "| re-ID training time, pixel / latent: 35 s / 10 s | 3.50× |" in (tmp_path / "b" / "summary.md").read_text()
+
+
+def test_ef_matched_trains_on_as_many_real_videos_as_the_synthetic_train_split(tmp_path, monkeypatch):
+    synthetic = tmp_path / "synthetic"
+    synthetic.mkdir()
+    (synthetic / "FileList.csv").write_text("FileName,EF,Split\n" + "".join(
+        f"s{i},50,{split}\n" for i, split in enumerate(["TRAIN"] * 5 + ["VAL"] * 2)))
+    job = pipeline_command.Run({}, tmp_path / "run", repo=REPO)
+    job.artifacts = {"data": {"root": "/real"}, "generate": {"synthetic": str(synthetic)}}
+    calls = []
+    monkeypatch.setattr(job, "fit", lambda name, overlay: calls.append((name, overlay)) or {"checkpoint": "c", "metrics": {}})
+    monkeypatch.setattr(job, "test", lambda name, checkpoint, overlay: calls.append((name, overlay)) or {"test/r2": 0.5})
+    result = pipeline_command.stage_ef_matched(job)
+    assert calls[0] == ("ef_matched", {"data": {"root": "/real", "train_videos": 5}})
+    assert calls[1] == ("ef_matched", {"data": {"root": "/real"}})  # tested on every real TEST video
+    assert result["metrics"] == {"test/r2": 0.5, "train_videos": 5}
