@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run", type=Path, required=True, help="a pipeline run folder (through its anatomy stage)")
     parser.add_argument("--out", type=Path, help="default: RUN/benchmarks/ef_faithfulness")
     parser.add_argument("--video-config", nargs="+", default=["configs/lvdm.yaml", "configs/lvdm_quickstart.yaml"])
-    parser.add_argument("--train-steps", type=int, default=400)
+    parser.add_argument("--train-steps", type=int, default=315,
+                        help="video-model training steps per EF embedding (315: the study's video stage, 5 epochs of 63)")
     parser.add_argument("--embeddings", nargs="+", choices=EMBEDDINGS, default=list(EMBEDDINGS))
     parser.add_argument("--requests", type=int, default=48, help="generated videos per configuration")
     parser.add_argument("--request-seed", type=int, default=0)
