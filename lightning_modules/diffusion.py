@@ -20,7 +20,7 @@ from lightning_modules.metrics import IndexedCat
 from datamodules.sampler import global_seed
 from lightning_modules.components.ef_conditioning import EFConditioner
 from lightning_modules.diffusion_sampling import (SAMPLERS, blend_windows, denoising_loop, guided_prediction,
-                                                  make_sampler)
+                                                  make_sampler, sample_inputs)
 from lightning_modules.ema import DenoiserEMA
 from lightning_modules.joint_sampling import JointSchedule, check_joint_models, frame_prediction, latent_space_of
 
@@ -344,35 +344,15 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         """
         hp = self.hparams
         steps, guidance = steps or hp.sampling_steps, hp.guidance_scale if guidance_scale is None else guidance_scale
-        if int(self.train_num_frames) == 0:
-            raise RuntimeError("sample() needs a trained model (train_num_frames and latent_shape are set by training)")
-        if hp.mode == "image":
-            if reference is not None or num_frames not in (None, 1):
-                raise ValueError("an image-mode (anatomy) model generates single frames without a reference")
-            num_frames = 1
-        elif hp.reference_conditioning and reference is None and hp.reference_dropout == 0.0:
-            raise ValueError("this model always saw a reference frame in training (reference_dropout 0): pass one")
+        ef, reference, count, num_frames = sample_inputs(self, ef, reference, num_frames, batch_size)
         schedule = JointSchedule.parse(joint)
         if schedule not in (None, JointSchedule()) and image_model is None:
             raise ValueError("a joint schedule needs image_model (the image-mode model that takes its steps)")
         if image_model is not None:
             check_joint_models(self, image_model)
             schedule = schedule or JointSchedule()
-        if ef is not None:
-            ef = torch.as_tensor(ef, dtype=torch.float32, device=self.device).reshape(-1)
-        count = batch_size or (len(reference) if reference is not None else None) or (len(ef) if ef is not None else 0)
-        if not count:
-            raise ValueError("give ef, reference or batch_size to set the number of samples")
-        if ef is not None and len(ef) not in (1, count) or reference is not None and len(reference) != count:
-            raise ValueError(f"{count} samples requested but ef has {len(ef) if ef is not None else '-'} values and "
-                             f"reference {len(reference) if reference is not None else '-'} frames")
-        if ef is not None:
-            ef = ef.expand(count)
-        num_frames = num_frames or int(self.train_num_frames)
         window = window or int(self.train_num_frames)
         overlap = window // 2 if overlap is None else overlap
-        if reference is not None:
-            reference = reference.to(self.device, self.dtype)
         shape = (count, num_frames, *self.latent_shape.tolist())
         with self.sampling_weights(), (image_model.sampling_weights() if image_model is not None else nullcontext()):
             # Built inside: the EF tokens come from the EMA of the conditioner, as the UNet's weights do.

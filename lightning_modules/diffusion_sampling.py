@@ -106,6 +106,32 @@ def denoising_loop(sampler: SchedulerMixin, model_output: Callable[[torch.Tensor
     return latents
 
 
+def sample_inputs(model, ef, reference: torch.Tensor | None, num_frames: int | None, batch_size: int | None
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, int, int]:
+    """``VideoDiffusionModule.sample``'s arguments checked against the model and made whole: EF as ``(count,)``
+    on the model's device (or None), the reference on its device and dtype, the sample count and the frame count."""
+    hp = model.hparams
+    if int(model.train_num_frames) == 0:
+        raise RuntimeError("sample() needs a trained model (train_num_frames and latent_shape are set by training)")
+    if hp.mode == "image":
+        if reference is not None or num_frames not in (None, 1):
+            raise ValueError("an image-mode (anatomy) model generates single frames without a reference")
+        num_frames = 1
+    elif hp.reference_conditioning and reference is None and hp.reference_dropout == 0.0:
+        raise ValueError("this model always saw a reference frame in training (reference_dropout 0): pass one")
+    if ef is not None:
+        ef = torch.as_tensor(ef, dtype=torch.float32, device=model.device).reshape(-1)
+    count = batch_size or (len(reference) if reference is not None else None) or (len(ef) if ef is not None else 0)
+    if not count:
+        raise ValueError("give ef, reference or batch_size to set the number of samples")
+    if ef is not None and len(ef) not in (1, count) or reference is not None and len(reference) != count:
+        raise ValueError(f"{count} samples requested but ef has {len(ef) if ef is not None else '-'} values and "
+                         f"reference {len(reference) if reference is not None else '-'} frames")
+    if reference is not None:
+        reference = reference.to(model.device, model.dtype)
+    return (None if ef is None else ef.expand(count)), reference, count, num_frames or int(model.train_num_frames)
+
+
 def guided_prediction(model, ef: torch.Tensor | None, reference: torch.Tensor | None, count: int, fps: float,
                       guidance: float, guide_reference: bool = False) -> Callable:
     """``prediction(t)(noisy)``: a :class:`~lightning_modules.diffusion.VideoDiffusionModule`'s prediction for
