@@ -135,10 +135,9 @@ class Instrument:
         self.ef_size = ef_size
 
     def as_written(self, latents: torch.Tensor) -> torch.Tensor:
-        from lightning_modules.image_logging import to_uint8
-        from lightning_modules.vae_utils import decode_frames
+        from lightning_modules.vae_utils import decode_as_written
 
-        return to_uint8(decode_frames(self.vae, latents)).float() * (1 / 127.5) - 1.0
+        return decode_as_written(self.vae, latents)
 
     def read(self, pixels: torch.Tensor) -> np.ndarray:
         return self.regressor.read_ef(pixels, self.ef_size).numpy()

@@ -38,12 +38,12 @@ from datamodules import EchoNetDataModule, GenerationRequests
 from lightning_modules.calibration import calibrate
 from lightning_modules.diffusion import load_diffusion
 from lightning_modules.diffusion_sampling import SAMPLERS, anatomy_references, generate_requested
-from lightning_modules.image_logging import log_image, to_uint8
+from lightning_modules.image_logging import log_image
 from lightning_modules.joint_sampling import JointSchedule
 from lightning_modules.protocols import Protocol
 from lightning_modules.reid import load_reid
 from lightning_modules.reid_embeddings import EncodedReID, embed_split
-from lightning_modules.vae_utils import decode_frames, load_frozen_vae
+from lightning_modules.vae_utils import decode_as_written, load_frozen_vae
 
 __all__ = ["CoverageCallback", "CoverageMeasures", "IdentityMeasures", "coverage_sizes", "protocol_datamodule"]
 
@@ -302,7 +302,7 @@ class CoverageCallback(L.Callback):
 
     def _as_written(self, latents: torch.Tensor) -> torch.Tensor:
         """Generated latents as a video file holds them: decoded by the VAE and quantised to 8 bits, in [-1, 1]."""
-        return to_uint8(decode_frames(self.vae, latents)).float() * (1 / 127.5) - 1.0  # as to_model_range reads files
+        return decode_as_written(self.vae, latents)
 
     def _embed(self, latents: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Per-frame re-ID embeddings of the protocol's frames of generated latents. With a VAE, the frames are

@@ -86,3 +86,11 @@ def decode_frames(vae: AutoencoderKL, latents: torch.Tensor, chunk_size: int = 3
     chunks = [vae.decode(chunk.to(vae.device, vae.dtype) / scale).sample.float()
               for chunk in latents.flatten(0, 1).split(chunk_size)]
     return torch.cat(chunks).unflatten(0, (batch, time))
+
+
+def decode_as_written(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents as a written video file holds them: decoded, quantised to 8 bits and read back into [-1, 1]
+    (as ``datamodules.dataset.to_model_range`` reads files)."""
+    from lightning_modules.image_logging import to_uint8
+
+    return to_uint8(decode_frames(vae, latents)).float() * (1 / 127.5) - 1.0
