@@ -203,10 +203,11 @@ def stage_ef(job: Run) -> dict[str, Any]:
 
 def _coverage(job: Run, stage: str, **init_args: Any) -> dict[str, Any]:
     """The stage's CoverageCallback: it samples as the generate stage will — the same requests (EF distribution,
-    seeds) and, for the video model, steps and guidance — unless the stage's ``coverage`` settings say otherwise."""
+    seeds) and, for the video model, sampler, steps and guidance — unless the stage's ``coverage`` settings say
+    otherwise."""
     generate = job.stage_config("generate")
-    sampling = {key: value for key, value in generate.get("writer", {}).items() if key in ("steps", "guidance_scale")
-                and stage == "video"}
+    sampling = {key: value for key, value in generate.get("writer", {}).items()
+                if key in ("sampler", "steps", "guidance_scale") and stage == "video"}
     requests = {key: value for key, value in generate.get("requests", {}).items() if key != "attempts"}
     return {"class_path": "callbacks.coverage.CoverageCallback",
             "init_args": {"reid": job.artifact("reid", "checkpoint"), **({"requests": requests} if requests else {}),

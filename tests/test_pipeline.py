@@ -130,22 +130,24 @@ def test_every_stage_of_a_pipeline_config_resolves(capsys, monkeypatch, config):
     assert resolved >= 8  # vae, encode, reid, ef, anatomy, video, generate, ef_synthetic
 
 
-def test_training_time_coverage_samples_what_the_generate_stage_ships(capsys, tmp_path):
-    """The video stage's callback animates the anatomy stage's frames with the generate stage's requests, steps and
-    guidance, compared as `evaluate` compares; the anatomy stage's samples its own frames with the same requests. Both
-    callback specs are valid CoverageCallback arguments."""
-    config = yaml.safe_load((REPO / "configs/pipeline/quickstart.yaml").read_text())
+@pytest.mark.parametrize("name", ["quickstart.yaml", "phantom_study.yaml"])
+def test_training_time_coverage_samples_what_the_generate_stage_ships(capsys, tmp_path, name):
+    """The video stage's callback animates the anatomy stage's frames with the generate stage's requests, sampler,
+    steps and guidance, compared as `evaluate` compares; the anatomy stage's samples its own frames with the same
+    requests. Both callback specs are valid CoverageCallback arguments."""
+    config = yaml.safe_load((REPO / "configs/pipeline" / name).read_text())
     job = pipeline_command.Run(config, tmp_path, REPO)
     job.artifacts = {"reid": {"checkpoint": "reid.ckpt"}, "export": {"vae": "vae"}}
     video = pipeline_command._coverage(job, "video", ef_regressor="ef.ckpt", vae="vae", anatomy="lidm.ckpt")
-    generate = config["stages"]["generate"]
-    expected = {"reid": "reid.ckpt", "anatomy": "lidm.ckpt", "steps": generate["writer"]["steps"],
-                "guidance_scale": generate["writer"]["guidance_scale"], "num_samples": 40,
-                "protocol": "clip:16@12.5fps", "requests": {k: v for k, v in generate["requests"].items()
-                                                            if k != "attempts"}}
+    generate, writer = config["stages"]["generate"], config["stages"]["generate"]["writer"]
+    expected = {"reid": "reid.ckpt", "anatomy": "lidm.ckpt", "steps": writer["steps"],
+                "guidance_scale": writer["guidance_scale"], **config["stages"]["video"]["coverage"],
+                **({"sampler": writer["sampler"]} if "sampler" in writer else {}),
+                "requests": {k: v for k, v in generate["requests"].items() if k != "attempts"}}
     assert expected.items() <= video["init_args"].items()
+    assert expected["protocol"] == "clip:16@12.5fps"
     anatomy = pipeline_command._coverage(job, "anatomy", vae="vae")["init_args"]
-    assert "steps" not in anatomy and "guidance_scale" not in anatomy and anatomy["requests"] == expected["requests"]
+    assert not {"sampler", "steps", "guidance_scale"} & anatomy.keys() and anatomy["requests"] == expected["requests"]
     for spec, model in ((video, "lvdm"), (pipeline_command._coverage(job, "anatomy", vae="vae"), "lidm")):
         printed = print_config(capsys, "--config", str(REPO / f"configs/{model}.yaml"),
                                "--config", str(REPO / f"configs/{model}_quickstart.yaml"),
