@@ -11,7 +11,7 @@ real phantom data and its latent cache, the VAE, the EF regressor and the anatom
    fit``) once per EF embedding — ``token`` (cross-attention, the SVD UNet's ``encoder_hidden_states``), ``time``
    (an added time id beside fps: SVD's ``added_time_ids``, added to every ResNet block's time embedding), ``both`` —
    for the same number of steps on the same data and seed;
-3. samples fully synthetic videos as the synthetic dataset writer does — request i asks for EF uniform in 10–90 %
+3. samples fully synthetic videos as the synthetic dataset writer does — request i asks for EF uniform in ``--ef-range``
    (``GenerationRequests``' draws), its reference frame is the anatomy model's sample at that EF — and reads them back
    with the regressor: R² and MAE of read against requested EF, one sample per request. First every embedding at
    each guidance scale (DDIM, ``--base-steps``); then, for the best embedding and guidance, DDIM, DPM-Solver++ and
@@ -27,6 +27,10 @@ machine's wall time for sampling, decoding and reading one video (no timing asse
     python benchmarks/ef_faithfulness.py --run study --train-steps 600 --requests 64 --embeddings token time
 
 Trained models are kept under ``OUT/train/<embedding>/``; a rerun with the same ``--train-steps`` reuses them.
+``--video-stage`` measures the run's own video-stage model instead (a run through its video stage; its embedding
+only, at its training length) — the guidance, sampler and best-of-N rows of the model the run ships:
+
+    python benchmarks/ef_faithfulness.py --run study --video-stage --guidance 1 3 5
 """
 
 from __future__ import annotations
@@ -52,13 +56,20 @@ EMBEDDINGS = ("token", "time", "both")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a pipeline run folder (through its anatomy stage)")
-    parser.add_argument("--out", type=Path, help="default: RUN/benchmarks/ef_faithfulness")
+    parser.add_argument("--out", type=Path, help="default: RUN/benchmarks/ef_faithfulness (with --video-stage: "
+                        "RUN/benchmarks/ef_faithfulness_video_stage)")
     parser.add_argument("--video-config", nargs="+", default=["configs/lvdm.yaml", "configs/lvdm_quickstart.yaml"])
     parser.add_argument("--train-steps", type=int, default=315,
                         help="video-model training steps per EF embedding (315: the study's video stage, 5 epochs of 63)")
     parser.add_argument("--embeddings", nargs="+", choices=EMBEDDINGS, default=list(EMBEDDINGS))
+    parser.add_argument("--video-stage", action="store_true",
+                        help="measure the run's own video-stage model (RUN/video/DONE.json) instead of training one "
+                             "per embedding: guidance, samplers, steps and best-of-N at the run's training length")
     parser.add_argument("--requests", type=int, default=48, help="generated videos per configuration")
     parser.add_argument("--request-seed", type=int, default=0)
+    parser.add_argument("--ef-range", type=float, nargs=2, default=[20.0, 85.0], metavar=("LOW", "HIGH"),
+                        help="requested EF, uniform (default: the study's writer — the span of the phantom's training "
+                             "EFs, 22–84 %%, where real videos exist to check the instrument on)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--base-steps", type=int, default=10, help="DDIM steps of the embedding × guidance grid")
     parser.add_argument("--samplers", nargs="+", default=["ddim", "dpm++", "euler"])
@@ -115,6 +126,20 @@ def train(args: argparse.Namespace, found: dict, embedding: str) -> tuple[Path, 
     return checkpoint, seconds
 
 
+def video_stage(run: Path) -> tuple[str, tuple[Path, float], int]:
+    """The run's video-stage model: its EF embedding, (checkpoint, fit seconds) and its optimizer steps."""
+    from lightning_modules.checkpoints import check_checkpoint_file
+
+    done = run / "video" / "DONE.json"
+    if not done.is_file():
+        raise SystemExit(f"ef_faithfulness: --video-stage: {done} is missing: run the pipeline through its video stage")
+    record = json.loads(done.read_text())
+    checkpoint = check_checkpoint_file(record["checkpoint"])
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    embedding = saved["hyper_parameters"].get("ef_embedding", "token")
+    return embedding, (checkpoint, float(record.get("fit_seconds", record["seconds"]))), int(saved["global_step"])
+
+
 # -------------------------------------------------------------------------------------------------- measuring
 def r2_mae(read: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     residual = ((read - target) ** 2).sum()
@@ -165,13 +190,13 @@ def ground_truth(found: dict, instrument: Instrument, frames: int, fps: float) -
 
 
 class Requests:
-    """Request i: EF and noise seed of ``GenerationRequests`` (uniform 10–90 %), its anatomy reference frame."""
+    """Request i: EF and noise seed of ``GenerationRequests`` (uniform in ``ef_range``), its anatomy reference frame."""
 
-    def __init__(self, count: int, seed: int, anatomy) -> None:
+    def __init__(self, count: int, seed: int, anatomy, ef_range: tuple[float, float] = (20.0, 85.0)) -> None:
         from datamodules import GenerationRequests
         from lightning_modules.diffusion_sampling import anatomy_references
 
-        requests = GenerationRequests(attempts=count, distribution="uniform", ef_range=(10.0, 90.0), seed=seed)
+        requests = GenerationRequests(attempts=count, distribution="uniform", ef_range=tuple(ef_range), seed=seed)
         self.ef = torch.tensor([requests.ef(i) for i in range(count)])
         self.seeds = [requests.noise_seed(i) for i in range(count)]
         with torch.no_grad():
@@ -199,20 +224,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.run = args.run.resolve()
-    args.out = (args.out or args.run / "benchmarks" / "ef_faithfulness").resolve()
+    default = "ef_faithfulness_video_stage" if args.video_stage else "ef_faithfulness"  # rows of other models
+    args.out = (args.out or args.run / "benchmarks" / default).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     found = artifacts(args.run)
 
     from lightning_modules.diffusion import load_diffusion
 
-    trained = {embedding: train(args, found, embedding) for embedding in args.embeddings}
+    if args.video_stage:
+        embedding, model, args.train_steps = video_stage(args.run)
+        args.embeddings, trained = [embedding], {embedding: model}
+    else:
+        trained = {embedding: train(args, found, embedding) for embedding in args.embeddings}
     instrument = Instrument(found, args.ef_size)
     models = {embedding: load_diffusion(checkpoint, mode="video").eval()
               for embedding, (checkpoint, _) in trained.items()}
     fps = float(next(iter(models.values())).train_fps)
     truth = ground_truth(found, instrument, args.frames, fps)
-    requests = Requests(args.requests, args.request_seed, load_diffusion(found["anatomy"], mode="image").eval())
+    requests = Requests(args.requests, args.request_seed, load_diffusion(found["anatomy"], mode="image").eval(),
+                        args.ef_range)
     target = requests.ef.numpy()
 
     results: list[dict] = []
@@ -227,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def measure(embedding: str, sampler: str, steps: int, guidance: float, stage: str) -> dict:
         key = json.dumps([args.train_steps, args.requests, args.request_seed, args.frames, embedding, sampler, steps,
-                          guidance])
+                          guidance, *([] if args.ef_range == [10.0, 90.0] else args.ef_range)])
         if key in cache:
             row = dict(cache[key], stage=stage)
         else:
@@ -267,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     spread = [r2_mae(d, target)[0] for d in draws]
 
     report = {
-        "run": str(args.run), "train_steps": args.train_steps, "requests": args.requests,
+        "run": str(args.run), "train_steps": args.train_steps, "requests": args.requests, "ef_range": args.ef_range,
         "ef_regressor_test": found["ef_test"], "ground_truth": truth,
         "training_seconds": {e: round(s, 1) for e, (_, s) in trained.items()},
         "results": results,
@@ -284,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"EF faithfulness, {report['requests']} requests (EF uniform 10–90 %, anatomy reference frames), "
+    low, high = report.get("ef_range", (10.0, 90.0))
+    lines = [f"EF faithfulness, {report['requests']} requests (EF uniform {low:g}–{high:g} %, anatomy reference frames), "
              f"video models trained {report['train_steps']} steps ({', '.join(f'{e}: {s:.0f} s' for e, s in report['training_seconds'].items())})",
              "", "| instrument on ground truth | videos | R² | MAE |", "|---|---|---|---|"]
     lines += [f"| {row['what']} | {row['videos']} | {row['r2']:.3f} | {row['mae']:.2f} |" for row in report["ground_truth"]]
