@@ -6,13 +6,15 @@ real phantom data and its latent cache, the VAE, the EF regressor and the anatom
 
 1. checks the instrument on ground truth: the run's EF regressor reads the real test split's 16-frame clips at
    12.5 fps (the protocol of generated videos) as pixels, and after the VAE round trip every generated video goes
-   through (cached latents decoded and quantised to 8 bits) — the ceiling of any generator's faithfulness;
+   through (cached latents decoded and quantised to 8 bits) — the ceiling of any generator's faithfulness; and, as the
+   test split's EFs are the phantom's (about normal(55, 12)) while requests are uniform over ``--ef-range``, on
+   ``--ground-truth-patients`` fresh phantom patients (another seed) stratified to uniform over that range;
 2. trains the video stage's model (``configs/lvdm.yaml`` + ``configs/lvdm_quickstart.yaml`` through ``echo-lvdm
    fit``) once per EF embedding — ``token`` (cross-attention, the SVD UNet's ``encoder_hidden_states``), ``time``
    (an added time id beside fps: SVD's ``added_time_ids``, added to every ResNet block's time embedding), ``both`` —
    for the same number of steps on the same data and seed;
-3. samples fully synthetic videos as the synthetic dataset writer does — request i asks for EF uniform in ``--ef-range``
-   (``GenerationRequests``' draws), its reference frame is the anatomy model's sample at that EF — and reads them back
+3. samples fully synthetic videos as the synthetic dataset writer does — request i asks for EF uniform in
+   ``--ef-range`` (``GenerationRequests``' draws), its reference frame is the anatomy model's sample at that EF — and reads them back
    with the regressor: R² and MAE of read against requested EF, one sample per request. First every embedding at
    each guidance scale (DDIM, ``--base-steps``); then, for the best embedding and guidance, DDIM, DPM-Solver++ and
    Euler at each of ``--steps`` (the lowest count whose R² is within 0.02 of that sampler's best is its default);
@@ -68,14 +70,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=48, help="generated videos per configuration")
     parser.add_argument("--request-seed", type=int, default=0)
     parser.add_argument("--ef-range", type=float, nargs=2, default=[20.0, 85.0], metavar=("LOW", "HIGH"),
-                        help="requested EF, uniform (default: the study's writer — the span of the phantom's training "
-                             "EFs, 22–84 %%, where real videos exist to check the instrument on)")
+                        help="requested EF, uniform (default: the study's writer — the span of the phantom's "
+                             "training EFs, 22–84 %%, where real videos exist to check the instrument on)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--base-steps", type=int, default=10, help="DDIM steps of the embedding × guidance grid")
     parser.add_argument("--samplers", nargs="+", default=["ddim", "dpm++", "euler"])
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 25, 50])
     parser.add_argument("--best-of", type=int, default=3)
     parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--ground-truth-patients", type=int, default=720,
+                        help="fresh phantom patients (seed --ground-truth-seed; refused if it renders the run's "
+                             "videos) read by the regressor, then stratified to uniform over --ef-range: its ceiling on the requests' "
+                             "distribution (0: skip)")
+    parser.add_argument("--ground-truth-seed", type=int, default=21)
+    parser.add_argument("--per-bin", type=int, default=5, help="fresh videos kept per 5-point EF bin")
     parser.add_argument("--ef-size", type=int, default=48, help="frame size the EF regressor reads")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
@@ -189,6 +197,54 @@ def ground_truth(found: dict, instrument: Instrument, frames: int, fps: float) -
     return rows
 
 
+def request_range_truth(args: argparse.Namespace, found: dict, instrument: Instrument, fps: float) -> list[dict]:
+    """The regressor on fresh phantom patients, all of them and stratified to uniform over ``--ef-range`` (up to
+    ``--per-bin`` per 5-point bin): the instrument checked on the distribution the requests come from. The run's
+    test split holds the phantom's EFs (about normal(55, 12)), too few near the range's ends to check them."""
+    import csv
+
+    from datamodules import EchoNetDataModule
+    from datamodules.phantom.generate import generate_phantom
+
+    if args.ground_truth_patients < 1:
+        return []
+    with open(Path(found["data"]) / "FileList.csv", newline="") as handle:
+        run_rows = list(csv.DictReader(handle))
+    root = args.out / f"ground_truth_phantom_{args.ground_truth_seed}_{args.ground_truth_patients}"
+    if not (root / "FileList.csv").is_file():
+        frames = [int(row["NumberOfFrames"]) for row in run_rows]
+        rates = [float(row["FPS"]) for row in run_rows]
+        generate_phantom(root, patients=args.ground_truth_patients, videos_per_patient=1, seed=args.ground_truth_seed,
+                         fps=(min(rates), max(rates)), frames=(min(frames), max(frames)),
+                         split_fractions=(0.0, 0.0, 1.0), workers=2, overwrite=True)
+    with open(root / "FileList.csv", newline="") as handle:
+        fresh = {row["FileName"] for row in csv.DictReader(handle)}
+    if fresh & {row["FileName"] for row in run_rows}:
+        raise SystemExit(f"ef_faithfulness: --ground-truth-seed {args.ground_truth_seed} renders videos of the run's "
+                         "phantom (the same file names): choose another seed")
+    data = EchoNetDataModule(root=str(root), space="pixel", sampling="clip", clip_length=args.frames, fps=fps,
+                             batch_size=32, num_workers=0)
+    data.setup("test")
+    read, target = [], []
+    for batch in data.test_dataloader():
+        read.append(instrument.read(batch["video"]))
+        target.append(batch["ef"].float().numpy())
+    read, target = np.concatenate(read), np.concatenate(target)
+    low, high = args.ef_range
+    rng = np.random.default_rng(0)
+    picks = [rng.choice(rows, min(args.per_bin, len(rows)), replace=False)
+             for lo in np.arange(low, high, 5.0)
+             if len(rows := np.flatnonzero((target >= lo) & (target < min(lo + 5.0, high)))) > 0]
+    kept = np.concatenate(picks)
+    rows = []
+    for what, chosen in ((f"{len(target)} fresh phantom patients (seed {args.ground_truth_seed})", slice(None)),
+                         (f"the same, stratified uniform over {low:g}–{high:g} % (≤ {args.per_bin} per 5-point "
+                          f"bin, {len(picks)} bins)", kept)):
+        r2, mae = r2_mae(read[chosen], target[chosen])
+        rows.append({"what": what, "videos": int(len(target[chosen])), "r2": r2, "mae": mae})
+    return rows
+
+
 class Requests:
     """Request i: EF and noise seed of ``GenerationRequests`` (uniform in ``ef_range``), its anatomy reference frame."""
 
@@ -241,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     models = {embedding: load_diffusion(checkpoint, mode="video").eval()
               for embedding, (checkpoint, _) in trained.items()}
     fps = float(next(iter(models.values())).train_fps)
-    truth = ground_truth(found, instrument, args.frames, fps)
+    truth = ground_truth(found, instrument, args.frames, fps) + request_range_truth(args, found, instrument, fps)
     requests = Requests(args.requests, args.request_seed, load_diffusion(found["anatomy"], mode="image").eval(),
                         args.ef_range)
     target = requests.ef.numpy()
@@ -269,8 +325,9 @@ def main(argv: list[str] | None = None) -> None:
             with open(cache_path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
         results.append(row)
-        print(f"  {stage}: {embedding:5s} g={guidance:g} {sampler:5s} {steps:2d} steps  R² {r2:6.3f}  MAE {mae:5.2f}  "
-              f"{seconds:.2f} s/video", flush=True)
+        print(f"  {stage}: {embedding:5s} g={guidance:g} {sampler:5s} {steps:2d} steps  R² {row['r2']:6.3f}  "
+              f"MAE {row['mae']:5.2f}  {row['seconds_per_video']:.2f} s/video{' (measured earlier)' * (key in cache)}",
+              flush=True)
         return row
 
     print("grid 1: EF embedding × guidance", flush=True)
