@@ -14,11 +14,11 @@ real phantom data and its latent cache, the VAE, the EF regressor and the anatom
    (an added time id beside fps: SVD's ``added_time_ids``, added to every ResNet block's time embedding), ``both`` —
    for the same number of steps on the same data and seed;
 3. samples fully synthetic videos as the synthetic dataset writer does — request i asks for EF uniform in
-   ``--ef-range`` (``GenerationRequests``' draws), its reference frame is the anatomy model's sample at that EF — and reads them back
-   with the regressor: R² and MAE of read against requested EF, one sample per request. First every embedding at
-   each guidance scale (DDIM, ``--base-steps``); then, for the best embedding and guidance, DDIM, DPM-Solver++ and
-   Euler at each of ``--steps`` (the lowest count whose R² is within 0.02 of that sampler's best is its default);
-   then, labelled apart, best-of-N as EchoDiffusion reports it (N videos per request from other noise, on the same
+   ``--ef-range`` (``GenerationRequests``' draws), its reference frame is the anatomy model's sample at that EF — and
+   reads them back with the regressor: R² and MAE of read against requested EF, one sample per request. First every
+   embedding at each guidance scale (DDIM, ``--base-steps``); then, for the best embedding and guidance, DDIM,
+   DPM-Solver++ and Euler at each of ``--steps`` (the lowest count whose R² is within 0.02 of that sampler's best is
+   its default); then, labelled apart, best-of-N as EchoDiffusion reports it (N videos per request from other noise, on the same
    reference frame; the one whose read EF is closest to the request is kept — the instrument chooses, so it flatters).
 
 Sampler steps are denoising steps; with guidance ≠ 1 each costs two UNet passes. Seconds per video are this
@@ -80,8 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--ground-truth-patients", type=int, default=720,
                         help="fresh phantom patients (seed --ground-truth-seed; refused if it renders the run's "
-                             "videos) read by the regressor, then stratified to uniform over --ef-range: its ceiling on the requests' "
-                             "distribution (0: skip)")
+                             "videos) read by the regressor, then stratified to uniform over --ef-range: its "
+                             "ceiling on the requests' distribution (0: skip)")
     parser.add_argument("--ground-truth-seed", type=int, default=21)
     parser.add_argument("--per-bin", type=int, default=5, help="fresh videos kept per 5-point EF bin")
     parser.add_argument("--ef-size", type=int, default=48, help="frame size the EF regressor reads")
@@ -232,9 +232,8 @@ def request_range_truth(args: argparse.Namespace, found: dict, instrument: Instr
     read, target = np.concatenate(read), np.concatenate(target)
     low, high = args.ef_range
     rng = np.random.default_rng(0)
-    picks = [rng.choice(rows, min(args.per_bin, len(rows)), replace=False)
-             for lo in np.arange(low, high, 5.0)
-             if len(rows := np.flatnonzero((target >= lo) & (target < min(lo + 5.0, high)))) > 0]
+    bins = [np.flatnonzero((target >= lo) & (target < min(lo + 5.0, high))) for lo in np.arange(low, high, 5.0)]
+    picks = [rng.choice(members, min(args.per_bin, len(members)), replace=False) for members in bins if len(members)]
     kept = np.concatenate(picks)
     rows = []
     for what, chosen in ((f"{len(target)} fresh phantom patients (seed {args.ground_truth_seed})", slice(None)),
@@ -373,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def markdown(report: dict) -> str:
     low, high = report.get("ef_range", (10.0, 90.0))
-    lines = [f"EF faithfulness, {report['requests']} requests (EF uniform {low:g}–{high:g} %, anatomy reference frames), "
+    lines = [f"EF faithfulness, {report['requests']} requests (EF uniform {low:g}–{high:g} %, anatomy reference "
+             "frames), "
              f"video models trained {report['train_steps']} steps ({', '.join(f'{e}: {s:.0f} s' for e, s in report['training_seconds'].items())})",
              "", "| instrument on ground truth | videos | R² | MAE |", "|---|---|---|---|"]
     lines += [f"| {row['what']} | {row['videos']} | {row['r2']:.3f} | {row['mae']:.2f} |" for row in report["ground_truth"]]
