@@ -176,24 +176,31 @@ class Instrument:
         return self.regressor.read_ef(pixels, self.ef_size).numpy()
 
 
-def ground_truth(found: dict, instrument: Instrument, frames: int, fps: float) -> list[dict]:
-    """The regressor on the real test split's clips: as pixels, and after the VAE round trip."""
+def read_test_split(instrument: Instrument, frames: int, fps: float, space: str = "pixel", **data: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """EF read from, and the FileList EF of, every test video's clip (``space="latent"``: through the VAE round trip);
+    ``data``: the EchoNetDataModule's ``root`` and ``latent_dir``."""
     from datamodules import EchoNetDataModule
 
+    module = EchoNetDataModule(space=space, sampling="clip", clip_length=frames, fps=fps, batch_size=16, num_workers=0,
+                               **({"latent_posterior": "mean"} if space == "latent" else {}), **data)
+    module.setup("test")
+    read, target = [], []
+    for batch in module.test_dataloader():
+        video = batch["video"] if space == "pixel" else instrument.as_written(batch["video"])
+        read.append(instrument.read(video))
+        target.append(batch["ef"].float().numpy())
+    return np.concatenate(read), np.concatenate(target)
+
+
+def ground_truth(found: dict, instrument: Instrument, frames: int, fps: float) -> list[dict]:
+    """The regressor on the real test split's clips: as pixels, and after the VAE round trip."""
     rows = []
     for space in ("pixel", "latent"):
-        data = EchoNetDataModule(root=found["data"], latent_dir=found["encode"], space=space, sampling="clip",
-                                 clip_length=frames, fps=fps, batch_size=8, num_workers=0,
-                                 **({"latent_posterior": "mean"} if space == "latent" else {}))
-        data.setup("test")
-        read, target = [], []
-        for batch in data.test_dataloader():
-            video = batch["video"] if space == "pixel" else instrument.as_written(batch["video"])
-            read.append(instrument.read(video))
-            target.append(batch["ef"].float().numpy())
-        r2, mae = r2_mae(np.concatenate(read), np.concatenate(target))
+        read, target = read_test_split(instrument, frames, fps, space, root=found["data"], latent_dir=found["encode"])
+        r2, mae = r2_mae(read, target)
         rows.append({"what": "real test clips" + (" after the VAE round trip" if space == "latent" else ""),
-                     "videos": int(sum(len(t) for t in target)), "r2": r2, "mae": mae})
+                     "videos": len(target), "r2": r2, "mae": mae})
     return rows
 
 
@@ -203,7 +210,6 @@ def request_range_truth(args: argparse.Namespace, found: dict, instrument: Instr
     test split holds the phantom's EFs (about normal(55, 12)), too few near the range's ends to check them."""
     import csv
 
-    from datamodules import EchoNetDataModule
     from datamodules.phantom.generate import generate_phantom
 
     if args.ground_truth_patients < 1:
@@ -222,14 +228,7 @@ def request_range_truth(args: argparse.Namespace, found: dict, instrument: Instr
     if fresh & {row["FileName"] for row in run_rows}:
         raise SystemExit(f"ef_faithfulness: --ground-truth-seed {args.ground_truth_seed} renders videos of the run's "
                          "phantom (the same file names): choose another seed")
-    data = EchoNetDataModule(root=str(root), space="pixel", sampling="clip", clip_length=args.frames, fps=fps,
-                             batch_size=32, num_workers=0)
-    data.setup("test")
-    read, target = [], []
-    for batch in data.test_dataloader():
-        read.append(instrument.read(batch["video"]))
-        target.append(batch["ef"].float().numpy())
-    read, target = np.concatenate(read), np.concatenate(target)
+    read, target = read_test_split(instrument, args.frames, fps, root=str(root))
     low, high = args.ef_range
     rng = np.random.default_rng(0)
     bins = [np.flatnonzero((target >= lo) & (target < min(lo + 5.0, high))) for lo in np.arange(low, high, 5.0)]
@@ -313,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def measure(embedding: str, sampler: str, steps: int, guidance: float, stage: str) -> dict:
         key = json.dumps([args.train_steps, args.requests, args.request_seed, args.frames, embedding, sampler, steps,
-                          guidance, *([] if args.ef_range == [10.0, 90.0] else args.ef_range)])
+                          guidance, *args.ef_range])
         if key in cache:
             row = dict(cache[key], stage=stage)
         else:
