@@ -475,7 +475,7 @@ def test_ddp_validation_with_the_callback_logs_the_values_of_one_process(world, 
                                 env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         values[devices] = {key: value for key, value in logged(log_dir).items() if key != "loss"}
-    assert values[2] == pytest.approx(values[1], rel=1e-5, abs=1e-6)
+    assert values[2] == pytest.approx(values[1], rel=1e-4, abs=1e-5)  # float32 sums in another order across 2 ranks
     expected = {**synthetic_oracle(world, 7, written=True), **generative_oracle(world, 7)}
     assert {"fid", "is", "fvd4", "real_fid"} <= set(expected)
     assert {name: values[1][name] for name in expected} == pytest.approx(expected, rel=1e-4, abs=1e-5)
