@@ -67,7 +67,7 @@ def test_only_image_steps_equal_sampling_each_frame_with_the_image_model(models,
     joint = video.sample(ef=[30.0, 70.0], reference=REFERENCE, num_frames=6, steps=4, scheduler=sampler,
                          window=4, image_model=image, joint="every=1", generator=seeded())
     frames = image.sample(ef=torch.tensor([30.0] * 6 + [70.0] * 6), steps=4, scheduler=sampler, generator=seeded())
-    torch.testing.assert_close(joint, frames[:, 0].unflatten(0, (2, 6)), rtol=1e-4, atol=1e-5)  # batched vs per-frame float32
+    torch.testing.assert_close(joint, frames[:, 0].unflatten(0, (2, 6)), rtol=1e-4, atol=1e-5)  # batch vs frame
 
 
 @pytest.fixture(scope="module")
