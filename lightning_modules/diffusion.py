@@ -21,6 +21,7 @@ from datamodules.sampler import global_seed
 from lightning_modules.components.ef_conditioning import EFConditioner
 from lightning_modules.diffusion_sampling import (SAMPLERS, blend_windows, denoising_loop, guided_prediction,
                                                   make_sampler, sample_inputs)
+from lightning_modules.ef_weighting import ef_weights, empty_table, training_split_table
 from lightning_modules.ema import DenoiserEMA
 from lightning_modules.joint_sampling import JointSchedule, check_joint_models, frame_prediction, latent_space_of
 
@@ -70,6 +71,10 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         sampler, sampling_steps, guidance_scale: :meth:`sample`'s defaults.
         ema_decay: EMA decay (None: no EMA); diffusers' warm-up ``min(decay, (1 + n) / (10 + n))`` applies.
         lr, weight_decay, lr_scheduler, warmup_steps: AdamW and a diffusers ``get_scheduler`` schedule, per step.
+        ef_loss_weight_cap, ef_loss_weight_bin: None (default): every training video's loss counts alike. A cap ≥ 1:
+            each is weighted by the inverse frequency of its EF's ``ef_loss_weight_bin``-percent bin in the training
+            split, capped, mean 1 (:func:`~lightning_modules.ef_weighting.ef_weight_table`); the table is counted at
+            the first fit start and kept in the checkpoint (``ef_weight_table``), so a resumed run weighs alike.
     """
 
     def __init__(
@@ -101,6 +106,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         lr_scheduler: str = "constant_with_warmup",
         warmup_steps: int = 500,
         eval_seed: int = 0,
+        ef_loss_weight_cap: float | None = None,
+        ef_loss_weight_bin: float = 5.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -142,6 +149,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         self.register_buffer("train_num_frames", torch.tensor(0))
         self.register_buffer("train_fps", torch.tensor(0.0))
         self.register_buffer("latent_shape", torch.zeros(3, dtype=torch.long))
+        if ef_loss_weight_cap is not None:  # zeros until counted (on_fit_start) or loaded
+            self.register_buffer("ef_weight_table", empty_table(ef_loss_weight_bin, ef_loss_weight_cap))
         self.val_losses, self.test_losses = IndexedCat(("loss",)), IndexedCat(("loss",))
         # The VAE and scale of the latents it learns (joint sampling checks that two models share them).
         self.latent_space: dict | None = None
@@ -241,11 +250,13 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         else:
             target = noise if hp.prediction_type == "epsilon" else latents
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
-        if stage == "train":
-            self.log("train/loss", per_sample.mean(), prog_bar=True, batch_size=batch_size)
-        else:
+        if stage != "train":
             getattr(self, f"{stage}_losses").update(index, loss=per_sample)
-        return per_sample.mean()
+            return per_sample.mean()
+        self.log("train/loss", per_sample.mean(), prog_bar=True, batch_size=batch_size)
+        if hp.ef_loss_weight_cap is None:
+            return per_sample.mean()
+        return (ef_weights(self.ef_weight_table, ef, hp.ef_loss_weight_bin) * per_sample).mean()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
@@ -272,7 +283,12 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_fit_start(self) -> None:
-        self.latent_space = latent_space_of(getattr(self.trainer, "datamodule", None)) or self.latent_space
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.latent_space = latent_space_of(datamodule) or self.latent_space
+        hp = self.hparams
+        if hp.ef_loss_weight_cap is not None and not bool(self.ef_weight_table.any()):  # resumed: kept as saved
+            table = training_split_table(datamodule, hp.ef_loss_weight_bin, hp.ef_loss_weight_cap)
+            self.ef_weight_table.copy_(table.to(self.ef_weight_table.device))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
