@@ -14,7 +14,14 @@ from lightning_modules.diffusion import VideoDiffusionModule
 from lightning_modules.ef_weighting import ef_weight_table, ef_weights
 from tests.helpers.data import encode_tiny_latents
 from tests.helpers.models import TINY_DIFFUSION
-from tests.test_diffusion import contract_batch
+
+
+def contract_batch(batch_size: int, frames: int, size: int = 8) -> dict[str, torch.Tensor]:
+    """A latent batch of the shared contract with distinct EFs, 10–90 %."""
+    generator = torch.Generator().manual_seed(0)
+    return {"video": torch.randn(batch_size, frames, 4, size, size, generator=generator),
+            "ef": torch.linspace(10.0, 90.0, batch_size), "fps": torch.full((batch_size,), 12.5),
+            "index": torch.arange(batch_size), "patient": torch.arange(batch_size)}
 
 
 @pytest.fixture(autouse=True)
