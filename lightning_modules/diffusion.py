@@ -8,7 +8,6 @@ from contextlib import nullcontext
 from typing import Literal
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNetSpatioTemporalConditionModel
@@ -17,8 +16,8 @@ from diffusers.training_utils import EMAModel
 
 from lightning_modules.checkpoints import load_module
 from lightning_modules.metrics import IndexedCat
-from datamodules.sampler import global_seed
 from lightning_modules.components.ef_conditioning import EFConditioner
+from lightning_modules.diffusion_draws import eval_noise, train_draws
 from lightning_modules.diffusion_sampling import (SAMPLERS, blend_windows, denoising_loop, guided_prediction,
                                                   make_sampler, sample_inputs)
 from lightning_modules.ef_weighting import ef_weights, empty_table, training_split_table
@@ -26,11 +25,6 @@ from lightning_modules.ema import DenoiserEMA
 from lightning_modules.joint_sampling import JointSchedule, check_joint_models, frame_prediction, latent_space_of
 
 __all__ = ["VideoDiffusionModule"]
-
-# SeedSequence tag of the training draws: apart from the dataset's (seed, epoch, index, 1, stream) streams, and from
-# the small integer seeds of the evaluation noise.
-_TRAIN_DRAWS_STREAM = 4
-
 
 class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
     """Denoiser: diffusers' :class:`UNetSpatioTemporalConditionModel` (the SVD UNet) on latent clips ``(B, T, C, h, w)``
@@ -198,28 +192,12 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         return latents, ef, fps, index
 
     def _eval_noise(self, index: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        # One generator per item, seeded by its index: the same noise and timestep whatever the batch or rank.
-        noise, timesteps = [], []
-        for key in index.tolist():
-            generator = torch.Generator().manual_seed(self.hparams.eval_seed * 1_000_003 + key)
-            timesteps.append(torch.randint(0, self.hparams.num_train_timesteps, (1,), generator=generator))
-            noise.append(torch.randn(shape, generator=generator))
-        return torch.stack(noise).to(self.device), torch.cat(timesteps).to(self.device)
+        draws = eval_noise(index, shape, self.hparams.eval_seed, self.hparams.num_train_timesteps)
+        return tuple(draw.to(self.device) for draw in draws)
 
     def _train_draws(self, index: torch.Tensor, shape: torch.Size, frames: int) -> tuple[torch.Tensor, ...]:
-        # One generator per item, seeded by (seed, epoch, index): the draws of an item do not depend on the batch it
-        # is in, the rank that holds it or whether the run was resumed.
-        seed, epoch = global_seed(), self.current_epoch
-        noise, integers, coins = [], [], []
-        for key in index.tolist():
-            state = np.random.SeedSequence((seed, epoch, key, _TRAIN_DRAWS_STREAM)).generate_state(1, np.uint64)[0]
-            generator = torch.Generator().manual_seed(int(state))
-            integers.append(torch.cat([torch.randint(0, self.hparams.num_train_timesteps, (1,), generator=generator),
-                                       torch.randint(0, frames, (1,), generator=generator)]))
-            coins.append(torch.rand(2, generator=generator))  # EF dropout, reference dropout: independent
-            noise.append(torch.randn(shape, generator=generator))
-        integers, coins = torch.stack(integers).to(self.device), torch.stack(coins).to(self.device)
-        return torch.stack(noise).to(self.device), integers[:, 0], integers[:, 1], coins[:, 0], coins[:, 1]
+        draws = train_draws(index, shape, frames, self.current_epoch, self.hparams.num_train_timesteps)
+        return tuple(draw.to(self.device) for draw in draws)
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         latents, ef, fps, index = self._unpack(batch)
