@@ -1,6 +1,6 @@
 """VideoDiffusionModule: guidance dropout that really drops, EMA that differs, validates and survives resume, window
-blending equal to a hand computation and seamless, and video and image (anatomy) models whose loss falls on latents
-of a phantom."""
+blending equal to a hand computation and seamless, a zero-terminal-SNR schedule trained and sampled from pure noise,
+and video and image (anatomy) models whose loss falls on latents of a phantom."""
 
 from __future__ import annotations
 
@@ -228,6 +228,39 @@ def test_sample_validates_its_inputs():
         module.sample(ef=[20.0, 50.0, 80.0], reference=torch.zeros(2, 4, 2, 2))
     with pytest.raises(ValueError, match="reference_conditioning: false"):
         VideoDiffusionModule(**TINY_DIFFUSION, mode="image")
+
+
+# ------------------------------------------------------------------------------------ zero terminal SNR
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_zero_terminal_snr_trains_and_samples_from_pure_noise(zero_snr):
+    """``rescale_betas_zero_snr`` (Lin et al. 2024): the last training timestep keeps none of the clip, so the model
+    learns there what it meets at the first sampling step, pure noise; every sampler inherits the schedule and starts
+    at that timestep. The default schedule leaks 6.8 % of the clip into its last step."""
+    torch.manual_seed(0)
+    module = VideoDiffusionModule(**TINY_DIFFUSION, rescale_betas_zero_snr=zero_snr)
+    latents, noise = torch.randn(2, 4, 4, 2, 2), torch.randn(2, 4, 4, 2, 2)
+    last = torch.full((2,), module.hparams.num_train_timesteps - 1)
+    leak = float(module.noise_scheduler.alphas_cumprod[-1].sqrt())
+    noisy = module.noise_scheduler.add_noise(latents, noise, last)
+    velocity = module.noise_scheduler.get_velocity(latents, noise, last)
+    if zero_snr:
+        assert leak == 0.0
+        torch.testing.assert_close(noisy, noise)
+        torch.testing.assert_close(velocity, -latents)
+    else:
+        assert leak == pytest.approx(0.068, abs=5e-4)
+        torch.testing.assert_close(noisy, leak * latents + (1 - leak ** 2) ** 0.5 * noise)
+    trained_shape(module, frames=4)
+    for name in ("ddim", "dpm++", "euler", "ddpm"):
+        sampler = make_sampler(name, module.noise_scheduler.config)
+        sampler.set_timesteps(5)
+        assert int(sampler.timesteps[0]) == module.hparams.num_train_timesteps - 1, name
+        assert float(sampler.alphas_cumprod[-1]) <= (2.0 ** -24 if zero_snr else 1.0) + 1e-12, name
+        if not zero_snr:
+            assert float(sampler.alphas_cumprod[-1].sqrt()) == pytest.approx(leak, abs=1e-6), name
+        video = module.sample(ef=[30.0, 70.0], reference=torch.randn(2, 4, 2, 2), steps=5, scheduler=name,
+                              guidance_scale=1.5, generator=torch.Generator().manual_seed(0))
+        assert video.shape == (2, 4, 4, 2, 2) and bool(torch.isfinite(video).all()), name
 
 
 # ------------------------------------------------------------------------------------- training on latents
