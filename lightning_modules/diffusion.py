@@ -17,11 +17,12 @@ from diffusers.training_utils import EMAModel
 from lightning_modules.checkpoints import load_module
 from lightning_modules.metrics import IndexedCat
 from lightning_modules.components.ef_conditioning import EFConditioner
-from lightning_modules.diffusion_draws import eval_noise, train_draws
+from lightning_modules.diffusion_draws import biased_timestep_map, eval_noise, train_draws
 from lightning_modules.diffusion_sampling import (SAMPLERS, blend_windows, denoising_loop, guided_prediction,
                                                   make_sampler, sample_inputs)
 from lightning_modules.ef_weighting import ef_weights, empty_table, training_split_table
 from lightning_modules.ema import DenoiserEMA
+from lightning_modules.snr_weighting import check_snr_gamma, min_snr_weights
 from lightning_modules.joint_sampling import JointSchedule, check_joint_models, frame_prediction, latent_space_of
 
 __all__ = ["VideoDiffusionModule"]
@@ -34,27 +35,25 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
     Conditioning. EF → :class:`EFConditioner` token → cross-attention (``ef_embedding="token"``); or EF as a second
     added time id beside fps, whose embedding the UNet adds to the timestep embedding of every ResNet block (``"time"``:
     SVD's ``added_time_ids`` path; the cross-attention then reads the null token only); or both (``"both"``). In
-    ``mode="video"`` a clean reference latent frame
-    of the same video (a random frame of the clip in training, the first in evaluation) is concatenated on channels to
-    every noisy frame (UNet ``in_channels = 2 × latent_channels``). The clip's fps goes in as the UNet's added time id.
+    ``mode="video"`` a clean reference latent frame of the same video (a random frame of the clip in training, the
+    first in evaluation) is concatenated on channels to every noisy frame (UNet ``in_channels = 2 × latent_channels``).
+    The clip's fps goes in as the UNet's added time id.
     Classifier-free guidance is trained: each sample's EF is replaced by the learned null token (and null time id)
-    with probability
-    ``ef_dropout`` and its reference by zeros with probability ``reference_dropout`` (independently).
+    with probability ``ef_dropout`` and its reference by zeros with probability ``reference_dropout`` (independently).
 
-    ``mode="image"`` is the anatomy model: frames of a ``sampling: frames`` batch are folded into single-frame clips
-    (``T = 1``, no reference), EF-conditioned or, with ``ef_conditioning=False``, unconditional.
+    ``mode="image"`` is the anatomy model: a ``sampling: frames`` batch's frames are single-frame clips (``T = 1``, no
+    reference), EF-conditioned or, with ``ef_conditioning=False``, unconditional.
 
     EMA (diffusers :class:`EMAModel`, :class:`~lightning_modules.ema.DenoiserEMA`) of the denoiser — the UNet and the
     EF conditioner it reads, nothing frozen — updated once per optimizer step, swapped in for validation, test and
-    :meth:`sample` (a copy on the same device, no host round trip), saved in the checkpoint under ``"ema"``. Validation/test noise and timesteps are drawn per
-    video from ``eval_seed`` and its ``index``, so ``val/loss`` is comparable across epochs and equal under DDP.
+    :meth:`sample` (a copy on the same device, no host round trip), saved in the checkpoint under ``"ema"``.
+    Validation/test noise and timesteps are drawn per video from ``eval_seed`` and its ``index`` (uniform timesteps
+    whatever the training bias), so ``val/loss`` is comparable across epochs, runs and equal under DDP.
 
     Training randomness is a function of (``seed_everything``'s seed, epoch, ``index``): each item's noise, timestep,
-    reference-frame position and dropout coins come from its own generator, never from the global RNG, whatever rank
-    or batch holds the item. So W DDP processes with batch b take the steps of one process with batch W·b (when their
-    steps hold the same items), and a run resumed with ``--ckpt_path`` takes those of an uninterrupted one. Each item
-    appears once per epoch (also across the micro-batches of gradient accumulation), so no two items of an epoch share
-    draws.
+    reference-frame position and dropout coins come from its own generator (:mod:`~lightning_modules.diffusion_draws`),
+    whatever rank or batch holds it. So W DDP processes with batch b take the steps of one process with batch W·b, and
+    a resumed run those of an uninterrupted one; no two items of an epoch share draws.
 
     Args:
         block_out_channels, layers_per_block, attention_head_dim, cross_attention_dim, addition_time_embed_dim: the
@@ -69,6 +68,11 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             each is weighted by the inverse frequency of its EF's ``ef_loss_weight_bin``-percent bin in the training
             split, capped, mean 1 (:func:`~lightning_modules.ef_weighting.ef_weight_table`); the table is counted at
             the first fit start and kept in the checkpoint (``ef_weight_table``), so a resumed run weighs alike.
+        snr_gamma: None (default), or γ > 0: Min-SNR-γ loss weights (diffusers' ``--snr_gamma``): each training step
+            counts as ``min(SNR, γ)`` times its x₀ error (:func:`~lightning_modules.snr_weighting.min_snr_weights`).
+        timestep_bias, timestep_bias_multiplier, timestep_bias_portion: "none" (default), or "later" / "earlier": the
+            noisiest / cleanest ``portion`` of the schedule is drawn ``multiplier`` times as often in training (as
+            diffusers' SDXL ``--timestep_bias_strategy``; :func:`~lightning_modules.diffusion_draws.biased_timestep_map`).
     """
 
     def __init__(
@@ -102,6 +106,10 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         eval_seed: int = 0,
         ef_loss_weight_cap: float | None = None,
         ef_loss_weight_bin: float = 5.0,
+        snr_gamma: float | None = None,
+        timestep_bias: Literal["none", "later", "earlier"] = "none",
+        timestep_bias_multiplier: float = 2.0,
+        timestep_bias_portion: float = 0.25,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -114,6 +122,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             raise ValueError(f"ef_embedding must be 'token', 'time' or 'both', got {ef_embedding!r}")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        check_snr_gamma(snr_gamma)
         for name, p in (("ef_dropout", ef_dropout), ("reference_dropout", reference_dropout)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
@@ -138,6 +147,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
             beta_end=beta_end, prediction_type=prediction_type, rescale_betas_zero_snr=rescale_betas_zero_snr,
             clip_sample=False)  # latents are not bounded to [-1, 1]
+        self.timestep_map = biased_timestep_map(num_train_timesteps, timestep_bias, timestep_bias_multiplier,
+                                                timestep_bias_portion)  # None: training timesteps stay uniform
         self.ema = EMAModel(self.denoiser_parameters(), decay=ema_decay) if ema_decay is not None else None
         # What sampling needs to know about the training data, recorded at every training step.
         self.register_buffer("train_num_frames", torch.tensor(0))
@@ -196,7 +207,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         return tuple(draw.to(self.device) for draw in draws)
 
     def _train_draws(self, index: torch.Tensor, shape: torch.Size, frames: int) -> tuple[torch.Tensor, ...]:
-        draws = train_draws(index, shape, frames, self.current_epoch, self.hparams.num_train_timesteps)
+        draws = train_draws(index, shape, frames, self.current_epoch, self.hparams.num_train_timesteps,
+                            self.timestep_map)
         return tuple(draw.to(self.device) for draw in draws)
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -232,6 +244,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             getattr(self, f"{stage}_losses").update(index, loss=per_sample)
             return per_sample.mean()
         self.log("train/loss", per_sample.mean(), prog_bar=True, batch_size=batch_size)
+        if hp.snr_gamma is not None:
+            per_sample = min_snr_weights(self.noise_scheduler, timesteps, hp.snr_gamma) * per_sample
         if hp.ef_loss_weight_cap is None:
             return per_sample.mean()
         return (ef_weights(self.ef_weight_table, ef, hp.ef_loss_weight_bin) * per_sample).mean()
