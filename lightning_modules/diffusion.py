@@ -47,8 +47,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
     EMA (diffusers :class:`EMAModel`, :class:`~lightning_modules.ema.DenoiserEMA`) of the denoiser — the UNet and the
     EF conditioner it reads, nothing frozen — updated once per optimizer step, swapped in for validation, test and
     :meth:`sample` (a copy on the same device, no host round trip), saved in the checkpoint under ``"ema"``.
-    Validation/test noise and timesteps are drawn per video from ``eval_seed`` and its ``index`` (uniform timesteps
-    whatever the training bias), so ``val/loss`` is comparable across epochs, runs and equal under DDP.
+    Validation/test noise and (uniform) timesteps come per video from ``eval_seed`` and ``index``: ``val/loss`` compares.
 
     Training randomness is a function of (``seed_everything``'s seed, epoch, ``index``): each item's noise, timestep,
     reference-frame position and dropout coins come from its own generator (:mod:`~lightning_modules.diffusion_draws`),
@@ -116,8 +115,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         if mode not in ("video", "image"):
             raise ValueError(f"mode must be 'video' or 'image', got {mode!r}")
         if mode == "image" and reference_conditioning:
-            raise ValueError("mode='image' is the anatomy model that generates reference frames: set "
-                             "reference_conditioning: false")
+            raise ValueError("mode='image' is the anatomy model (no reference): set reference_conditioning: false")
         if ef_embedding not in ("token", "time", "both"):
             raise ValueError(f"ef_embedding must be 'token', 'time' or 'both', got {ef_embedding!r}")
         if sampler not in SAMPLERS:
