@@ -47,7 +47,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
     EMA (diffusers :class:`EMAModel`, :class:`~lightning_modules.ema.DenoiserEMA`) of the denoiser — the UNet and the
     EF conditioner it reads, nothing frozen — updated once per optimizer step, swapped in for validation, test and
     :meth:`sample` (a copy on the same device, no host round trip), saved in the checkpoint under ``"ema"``.
-    Validation/test noise and (uniform) timesteps come per video from ``eval_seed`` and ``index``: ``val/loss`` compares.
+    Validation/test noise and (uniform) timesteps come per video from ``eval_seed`` and ``index``, equal under DDP.
 
     Training randomness is a function of (``seed_everything``'s seed, epoch, ``index``): each item's noise, timestep,
     reference-frame position and dropout coins come from its own generator (:mod:`~lightning_modules.diffusion_draws`),

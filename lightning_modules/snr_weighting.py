@@ -9,8 +9,9 @@ SNR + 1, → 0 at the last timestep), so the steps near SNR = γ carry most of t
 from __future__ import annotations
 
 import torch
+from diffusers.training_utils import compute_snr
 
-__all__ = ["check_snr_gamma", "min_snr_weights", "snr"]
+__all__ = ["check_snr_gamma", "min_snr_weights"]
 
 
 def check_snr_gamma(gamma: float | None) -> None:
@@ -19,19 +20,12 @@ def check_snr_gamma(gamma: float | None) -> None:
         raise ValueError(f"snr_gamma must be > 0 (None: no Min-SNR weighting), got {gamma}")
 
 
-def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """``ᾱ_t / (1 − ᾱ_t)`` of each timestep ``(B,)`` under a diffusers scheduler's ``alphas_cumprod`` (0 at a zero
-    terminal SNR schedule's last step)."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps.long()]
-    return (alphas_cumprod / (1.0 - alphas_cumprod)).float()
-
-
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """The factor ``(B,)`` that turns each sample's loss under ``scheduler.config.prediction_type`` into
     ``min(SNR, γ) · ‖x̂₀ − x₀‖²``: ``min(SNR, γ) / SNR`` for epsilon (1 where SNR ≤ γ, SNR = 0 included),
     ``min(SNR, γ) / (SNR + 1)`` for v_prediction, ``min(SNR, γ)`` for sample."""
     check_snr_gamma(gamma)
-    ratio = snr(scheduler, timesteps)
+    ratio = compute_snr(scheduler, timesteps)  # ᾱ / (1 − ᾱ); 0 at a zero-terminal-SNR schedule's last step
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
         return (gamma / ratio).clamp(max=1.0)
