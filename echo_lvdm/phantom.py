@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar=("TRAIN", "VAL", "TEST"), help="patient fractions per split")
     parser.add_argument("--no-device-fingerprint", dest="device_fingerprint", action="store_false",
                         help="one neutral scanner for every video (no per-device sector, ticks, speckle grain)")
+    parser.add_argument("--ef-range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="draw each patient's EF (%%) uniformly in MIN–MAX instead of normal(55, 12) "
+                             "clipped to 15–80 (the EchoNet-Dynamic-like default, few videos under 30 %%)")
     parser.add_argument("--workers", type=int, default=0, metavar="W", help="render processes (0: in-process)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
 
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         out = generate_phantom(
             args.out, patients=args.patients, videos_per_patient=args.videos_per_patient, seed=args.seed,
             size=args.size, fps=tuple(args.fps), frames=tuple(args.frames), split_fractions=tuple(args.split_fractions),
-            device_fingerprint=args.device_fingerprint, workers=args.workers, overwrite=args.overwrite,
+            device_fingerprint=args.device_fingerprint, ef_range=args.ef_range, workers=args.workers,
+            overwrite=args.overwrite,
         )
     except (FileExistsError, NotADirectoryError, ValueError) as err:
         message = str(err)

@@ -219,3 +219,46 @@ def test_output_guard_and_cli(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     written = sorted(f"{r['FileName']}.avi" for r in _read_filelist(out))
     assert sorted(p.name for p in (out / "Videos").iterdir()) == written
     assert {r["FPS"] for r in _read_filelist(out)} == {"30"}
+
+
+def test_ef_range_spreads_the_targets_uniformly_and_shifts_no_other_draw() -> None:
+    """``ef_range`` turns the patients' EFs from EchoNet-Dynamic-like (normal around 55, a few % under 30) into
+    uniform over the range: every decile of 400 targets within 4 points of uniform's; the same draw is mapped, so
+    every other part of a patient and a video is what the default draws."""
+    default = PhantomConfig(patients=400, videos_per_patient=1, seed=3, size=64)
+    spread = PhantomConfig(patients=400, videos_per_patient=1, seed=3, size=64, ef_range=(20.0, 85.0))
+    base = [describe_video(default, p, 0) for p in range(default.patients)]
+    wide = [describe_video(spread, p, 0) for p in range(spread.patients)]
+    base_ef = np.array([motion.target_ef for _, motion, _ in base])
+    wide_ef = np.array([motion.target_ef for _, motion, _ in wide])
+    assert np.mean(base_ef < 30.0) < 0.05 and np.mean(wide_ef < 30.0) > 0.1
+    deciles = np.percentile(wide_ef, np.arange(10, 100, 10))
+    np.testing.assert_allclose(deciles, 20.0 + 6.5 * np.arange(1, 10), atol=4.0)
+    assert wide_ef.min() >= 12.0 and wide_ef.max() <= 85.0
+    for (anatomy_a, motion_a, _), (anatomy_b, motion_b, _) in zip(base, wide):
+        assert anatomy_a.lv_length == anatomy_b.lv_length and anatomy_a.axis_deg == anatomy_b.axis_deg
+        assert motion_a.heart_rate_bpm == motion_b.heart_rate_bpm and motion_a.phase0 == motion_b.phase0
+        if 12.0 < motion_a.target_ef < 85.0:  # the video's own EF draw is the same: only its patient's baseline moved
+            noise = motion_a.target_ef - anatomy_a.ef_baseline
+            assert motion_b.target_ef == pytest.approx(np.clip(anatomy_b.ef_baseline + noise, 12.0, 85.0))
+
+
+def test_ef_range_renders_its_extremes_and_is_checked(tmp_path: Path) -> None:
+    """The geometry solve holds at the ends of a wide range: traced EF within 3 points of each target from
+    ~15 to 85 %. A range outside the phantom's 12–85 % or upside down is refused naming ``ef_range``; the CLI takes
+    ``--ef-range MIN MAX``."""
+    settings = dict(SETTINGS, videos_per_patient=1, ef_range=(15.0, 85.0))
+    root = generate_phantom(tmp_path / "wide", **settings)
+    config = PhantomConfig(**settings)
+    labels = {row["FileName"]: float(row["EF"]) for row in _read_filelist(root)}
+    targets = {video_file_name(config.seed, p, 0): describe_video(config, p, 0)[1].target_ef
+               for p in range(config.patients)}
+    assert max(abs(labels[name] - target) for name, target in targets.items()) < 3.0
+    assert min(targets.values()) < 30.0 and max(targets.values()) > 70.0
+    for bad in [(10.0, 50.0), (60.0, 40.0), (20.0, 90.0)]:
+        with pytest.raises(ValueError, match=r"ef_range must be \(min, max\) with 12 ≤ min < max ≤ 85"):
+            PhantomConfig(ef_range=bad)
+    parser = argparse.ArgumentParser()
+    phantom_command.add_arguments(parser)
+    assert parser.parse_args(["--out", "x", "--ef-range", "20", "85"]).ef_range == [20.0, 85.0]
+    assert parser.parse_args(["--out", "x"]).ef_range is None

@@ -8,10 +8,12 @@ positive towards the LV lateral wall (image right); the RV and RA sit at negativ
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+EF_LIMITS = (12.0, 85.0)  # every video's target EF (%) is clipped to this span
 CM_PER_PIXEL_AT_112 = 0.14  # cm/px of a 112-px phantom; it scales as 112 / size, so volumes do not depend on size
 
 
@@ -142,8 +144,19 @@ def smooth_complex_noise(rng: np.random.Generator, shape: tuple[int, int], sigma
     return np.fft.ifft2(noise * transfer, norm="ortho").astype(np.complex64)
 
 
+def baseline_ef(draw: float, ef_range: tuple[float, float] | None) -> float:
+    """A patient's baseline EF (%) from its draw ~ normal(55, 12): that draw clipped to 15–80 (EchoNet-Dynamic's
+    bulk, few under 30 %), or with ``ef_range`` (lo, hi) the same draw mapped through the normal CDF to uniform in
+    [lo, hi], so a flag changes no other draw."""
+    if ef_range is None:
+        return float(np.clip(draw, 15.0, 80.0))
+    quantile = 0.5 * (1.0 + math.erf((draw - 55.0) / (12.0 * math.sqrt(2.0))))
+    return float(ef_range[0] + quantile * (ef_range[1] - ef_range[0]))
+
+
 def sample_patient(
-    rng: np.random.Generator, patient: int, size: int, device_fingerprint: bool = True
+    rng: np.random.Generator, patient: int, size: int, device_fingerprint: bool = True,
+    ef_range: tuple[float, float] | None = None,
 ) -> PatientAnatomy:
     """Draw one patient's anatomy (every draw happens whatever the flags, so flags never shift other draws)."""
     k = size / 112.0
@@ -162,7 +175,7 @@ def sample_patient(
         patient=patient,
         size=size,
         device=device,
-        ef_baseline=float(np.clip(rng.normal(55.0, 12.0), 15.0, 80.0)),
+        ef_baseline=baseline_ef(float(rng.normal(55.0, 12.0)), ef_range),
         kappa=rng.uniform(0.42, 0.55),
         lv_length=lv_length * k,
         lv_diameter=lv_diameter * k,
@@ -248,7 +261,7 @@ def sample_video(
     # Short clips: the slowest heart rate is raised (up to 110 bpm) until an ED → ES stretch fits inside the clip.
     slowest = 60.0 * systole / (duration - 2.0 * margin) if duration > 2.0 * margin else np.inf
     heart_rate = rng.uniform(min(max(50.0, slowest), 110.0), 110.0)
-    target = float(np.clip(anatomy.ef_baseline + rng.normal(0.0, 3.0), 12.0, 85.0))
+    target = float(np.clip(anatomy.ef_baseline + rng.normal(0.0, 3.0), *EF_LIMITS))
     radial = solve_shortening(target, anatomy.kappa)
     shift = (float(rng.uniform(-1.5, 1.5) * k), float(rng.uniform(-1.5, 1.5) * k))
     rotation = float(rng.uniform(-2.0, 2.0))

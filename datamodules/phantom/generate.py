@@ -20,6 +20,7 @@ import numpy as np
 
 from datamodules.filelist import SPLITS
 from datamodules.phantom.anatomy import (
+    EF_LIMITS,
     HeartGeometry,
     PatientAnatomy,
     VideoMotion,
@@ -55,6 +56,7 @@ class PhantomConfig:
     frames: tuple[int, int] = (48, 80)
     split_fractions: tuple[float, float, float] = (0.75, 0.125, 0.125)
     device_fingerprint: bool = True
+    ef_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -72,6 +74,10 @@ class PhantomConfig:
         if len(self.split_fractions) != 3 or min(self.split_fractions) < 0 or sum(self.split_fractions) <= 0:
             problems.append(f"split_fractions must be 3 non-negative numbers (TRAIN VAL TEST), "
                             f"got {self.split_fractions}")
+        if self.ef_range is not None and (len(self.ef_range) != 2
+                                          or not EF_LIMITS[0] <= self.ef_range[0] < self.ef_range[1] <= EF_LIMITS[1]):
+            problems.append(f"ef_range must be (min, max) with {EF_LIMITS[0]:g} ≤ min < max ≤ {EF_LIMITS[1]:g} "
+                            f"(EF %), got {self.ef_range}")
         if problems:
             raise ValueError("phantom: " + "; ".join(problems))
 
@@ -127,8 +133,9 @@ class _Rendered:
 
 
 @functools.lru_cache(maxsize=4)  # a patient's videos are rendered one after another: draw its anatomy once
-def _patient(seed: int, patient: int, size: int, device_fingerprint: bool) -> PatientAnatomy:
-    return sample_patient(_rng(seed, _ANATOMY, patient), patient, size, device_fingerprint)
+def _patient(seed: int, patient: int, size: int, device_fingerprint: bool,
+             ef_range: tuple[float, float] | None) -> PatientAnatomy:
+    return sample_patient(_rng(seed, _ANATOMY, patient), patient, size, device_fingerprint, ef_range)
 
 
 def describe_video(
@@ -136,7 +143,7 @@ def describe_video(
 ) -> tuple[PatientAnatomy, VideoMotion, HeartGeometry]:
     """The ground truth behind video ``video`` of ``patient`` in the phantom ``config`` describes: the patient's
     anatomy, the video's motion (target EF, heart rate, jitter, …) and the per-frame heart geometry."""
-    anatomy = _patient(config.seed, patient, config.size, config.device_fingerprint)
+    anatomy = _patient(config.seed, patient, config.size, config.device_fingerprint, config.ef_range)
     motion = sample_video(_rng(config.seed, _MOTION, patient, video), anatomy, video, config.fps, config.frames)
     return anatomy, motion, heart_geometry(anatomy, motion)
 
@@ -191,6 +198,7 @@ def generate_phantom(
     frames: int | tuple[int, int] = (48, 80),
     split_fractions: tuple[float, float, float] = (0.75, 0.125, 0.125),
     device_fingerprint: bool = True,
+    ef_range: tuple[float, float] | None = None,
     workers: int = 0,
     overwrite: bool = False,
 ) -> Path:
@@ -198,14 +206,17 @@ def generate_phantom(
 
     ``patients`` × ``videos_per_patient`` grayscale ``size`` × ``size`` AVIs; per video an fps uniform in ``fps``
     (Hz, rounded to 0.01) and a frame count uniform in ``frames`` (inclusive); a single number fixes either.
+    Each patient's baseline EF is drawn from normal(55, 12) clipped to 15–80 % (EchoNet-Dynamic-like: few videos
+    under 30 %), or uniformly from ``ef_range`` (min, max) when given; a video's EF is its patient's ± normal(0, 3).
     Patients go whole to TRAIN/VAL/TEST by ``split_fractions``. ``workers`` > 0 renders in a process pool; the
     output is byte-identical either way.
     Raises ``FileExistsError`` for a non-empty ``out`` unless ``overwrite``, ``ValueError`` for bad arguments.
     """
     fps = (fps, fps) if isinstance(fps, (int, float)) else tuple(fps)
     frames = (frames, frames) if isinstance(frames, int) else tuple(frames)
+    ef_range = None if ef_range is None else (float(ef_range[0]), float(ef_range[-1]))
     config = PhantomConfig(patients, videos_per_patient, seed, size, fps, frames, tuple(split_fractions),
-                           device_fingerprint)
+                           device_fingerprint, ef_range)
     out = Path(out)
     videos_dir = _prepare_output(out, overwrite)
     tasks = [(config, p, v, videos_dir) for p in range(patients) for v in range(videos_per_patient)]
