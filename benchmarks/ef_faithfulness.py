@@ -7,9 +7,9 @@ real phantom data and its latent cache, the VAE, the EF regressor and the anatom
 1. checks the instrument on ground truth: the run's EF regressor reads the real test split's 16-frame clips at
    12.5 fps (the protocol of generated videos) as pixels, and after the VAE round trip every generated video goes
    through (cached latents decoded and quantised to 8 bits) — the ceiling of any generator's faithfulness; and, as the
-   test split's EFs are the run's phantom's (about normal(55, 12) unless its data stage passed ``--ef-range``, as
-   the study does) while requests are uniform over ``--ef-range``, on ``--ground-truth-patients`` fresh phantom
-   patients (another seed, the default EF distribution) stratified to uniform over that range;
+   test split's EFs are the run's phantom's (about normal(55, 12) unless its data stage passed ``--ef-range``)
+   while requests are uniform over ``--ef-range``, on ``--ground-truth-patients`` fresh phantom patients (another
+   seed, the default EF distribution) stratified to uniform over that range;
 2. trains the video stage's model (``configs/lvdm.yaml`` + ``configs/lvdm_quickstart.yaml`` through ``echo-lvdm
    fit``) once per EF embedding — ``token`` (cross-attention, the SVD UNet's ``encoder_hidden_states``), ``time``
    (an added time id beside fps: SVD's ``added_time_ids``, added to every ResNet block's time embedding), ``both`` —
