@@ -262,3 +262,5 @@ def test_ef_range_renders_its_extremes_and_is_checked(tmp_path: Path) -> None:
     phantom_command.add_arguments(parser)
     assert parser.parse_args(["--out", "x", "--ef-range", "20", "85"]).ef_range == [20.0, 85.0]
     assert parser.parse_args(["--out", "x"]).ef_range is None
+    listed = PhantomConfig(patients=1, ef_range=[20, 85])  # as YAML or JSON gives it: still a hashable config
+    assert listed.ef_range == (20.0, 85.0) and describe_video(listed, 0, 0)[1].target_ef >= 12.0

@@ -59,6 +59,8 @@ class PhantomConfig:
     ef_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.ef_range is not None:  # a list from YAML or JSON: a tuple, so the config stays hashable
+            object.__setattr__(self, "ef_range", tuple(float(value) for value in self.ef_range))
         problems = []
         if self.patients < 1 or self.videos_per_patient < 1:
             problems.append(f"patients and videos_per_patient must be ≥ 1, got {self.patients}, "
@@ -214,7 +216,6 @@ def generate_phantom(
     """
     fps = (fps, fps) if isinstance(fps, (int, float)) else tuple(fps)
     frames = (frames, frames) if isinstance(frames, int) else tuple(frames)
-    ef_range = None if ef_range is None else (float(ef_range[0]), float(ef_range[-1]))
     config = PhantomConfig(patients, videos_per_patient, seed, size, fps, frames, tuple(split_fractions),
                            device_fingerprint, ef_range)
     out = Path(out)
