@@ -30,6 +30,8 @@ machine's wall time for sampling, decoding and reading one video (no timing asse
     python benchmarks/ef_faithfulness.py --run study --train-steps 600 --requests 64 --embeddings token time
 
 Trained models are kept under ``OUT/train/<embedding>/``; a rerun with the same ``--train-steps`` reuses them.
+``--objective flow_matching`` trains them with flow matching instead (``OUT/train/<embedding>-flow/``); a flow model
+has no DDIM, so its grid runs on Euler and its sweep on Euler and DPM-Solver++ (so does ``--video-stage``'s).
 ``--video-stage`` measures the run's own video-stage model instead (a run through its video stage; its embedding
 only, at its training length) — the guidance, sampler and best-of-N rows of the model the run ships:
 
@@ -65,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=315,
                         help="video-model training steps per EF embedding (315: the study's video stage, 5 epochs of 63)")
     parser.add_argument("--embeddings", nargs="+", choices=EMBEDDINGS, default=list(EMBEDDINGS))
+    parser.add_argument("--objective", choices=["diffusion", "flow_matching"], default="diffusion",
+                        help="the trained models' objective (flow_matching: sampled with euler and dpm++ only)")
     parser.add_argument("--video-stage", action="store_true",
                         help="measure the run's own video-stage model (RUN/video/DONE.json) instead of training one "
                              "per embedding: guidance, samplers, steps and best-of-N at the run's training length")
@@ -110,13 +114,13 @@ def artifacts(run: Path) -> dict[str, str]:
 
 def train(args: argparse.Namespace, found: dict, embedding: str) -> tuple[Path, float]:
     """The video model with ``embedding``, trained by ``echo-lvdm fit`` for ``--train-steps`` (kept and reused)."""
-    folder = args.out / "train" / embedding
+    folder = args.out / "train" / (embedding + ("-flow" if args.objective == "flow_matching" else ""))
     done = folder / "DONE.json"
     if done.is_file():
         record = json.loads(done.read_text())
         if record["train_steps"] == args.train_steps:
             return Path(record["checkpoint"]), record["seconds"]
-    overlay = {"model": {"init_args": {"ef_embedding": embedding}},
+    overlay = {"model": {"init_args": {"ef_embedding": embedding, "objective": args.objective}},
                "trainer": {"default_root_dir": str(folder), "max_steps": args.train_steps, "max_epochs": -1,
                            "callbacks": [], "enable_progress_bar": False},
                "data": {"root": found["data"], "latent_dir": found["encode"], "num_workers": 0}}
@@ -135,8 +139,8 @@ def train(args: argparse.Namespace, found: dict, embedding: str) -> tuple[Path, 
     return checkpoint, seconds
 
 
-def video_stage(run: Path) -> tuple[str, tuple[Path, float], int]:
-    """The run's video-stage model: its EF embedding, (checkpoint, fit seconds) and its optimizer steps."""
+def video_stage(run: Path) -> tuple[str, str, tuple[Path, float], int]:
+    """The run's video-stage model: its EF embedding, objective, (checkpoint, fit seconds), optimizer steps."""
     from lightning_modules.checkpoints import check_checkpoint_file
 
     done = run / "video" / "DONE.json"
@@ -146,7 +150,9 @@ def video_stage(run: Path) -> tuple[str, tuple[Path, float], int]:
     checkpoint = check_checkpoint_file(record["checkpoint"])
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     embedding = saved["hyper_parameters"].get("ef_embedding", "token")
-    return embedding, (checkpoint, float(record.get("fit_seconds", record["seconds"]))), int(saved["global_step"])
+    objective = saved["hyper_parameters"].get("objective", "diffusion")
+    seconds = float(record.get("fit_seconds", record["seconds"]))
+    return embedding, objective, (checkpoint, seconds), int(saved["global_step"])
 
 
 # -------------------------------------------------------------------------------------------------- measuring
@@ -289,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     from lightning_modules.diffusion import load_diffusion
 
     if args.video_stage:
-        embedding, model, args.train_steps = video_stage(args.run)
+        embedding, args.objective, model, args.train_steps = video_stage(args.run)
         args.embeddings, trained = [embedding], {embedding: model}
     else:
         trained = {embedding: train(args, found, embedding) for embedding in args.embeddings}
@@ -301,6 +307,10 @@ def main(argv: list[str] | None = None) -> None:
     requests = Requests(args.requests, args.request_seed, load_diffusion(found["anatomy"], mode="image").eval(),
                         args.ef_range)
     target = requests.ef.numpy()
+    # A flow-matching model has no DDIM: its grid runs on Euler, and its sweep on the flow samplers.
+    flow = args.objective == "flow_matching"
+    base_sampler, samplers = ("euler", [s for s in args.samplers if s in ("euler", "dpm++")]) if flow else \
+        ("ddim", args.samplers)
 
     results: list[dict] = []
     # Measured rows are kept (OUT/rows.jsonl, keyed by everything that determines them): a rerun measures only
@@ -314,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def measure(embedding: str, sampler: str, steps: int, guidance: float, stage: str) -> dict:
         key = json.dumps([args.train_steps, args.requests, args.request_seed, args.frames, embedding, sampler, steps,
-                          guidance, *args.ef_range])
+                          guidance, *args.ef_range] + (["flow_matching"] if flow else []))
         if key in cache:
             row = dict(cache[key], stage=stage)
         else:
@@ -331,12 +341,12 @@ def main(argv: list[str] | None = None) -> None:
         return row
 
     print("grid 1: EF embedding × guidance", flush=True)
-    grid = [measure(e, "ddim", args.base_steps, g, "embedding × guidance") for e in args.embeddings
+    grid = [measure(e, base_sampler, args.base_steps, g, "embedding × guidance") for e in args.embeddings
             for g in args.guidance]
     best = max(grid, key=lambda row: row["r2"])
     print(f"grid 2: samplers × steps ({best['embedding']}, guidance {best['guidance']:g})", flush=True)
     chosen_steps = {}
-    for sampler in args.samplers:
+    for sampler in samplers:
         rows = [measure(best["embedding"], sampler, s, best["guidance"], "sampler × steps") for s in args.steps]
         top = max(row["r2"] for row in rows)
         chosen_steps[sampler] = min(row["steps"] for row in rows if row["r2"] >= top - 0.02)
@@ -355,7 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     spread = [r2_mae(d, target)[0] for d in draws]
 
     report = {
-        "run": str(args.run), "train_steps": args.train_steps, "requests": args.requests, "ef_range": args.ef_range,
+        "run": str(args.run), "objective": args.objective, "train_steps": args.train_steps, "requests": args.requests,
+        "ef_range": args.ef_range,
         "ef_regressor_test": found["ef_test"], "ground_truth": truth,
         "training_seconds": {e: round(s, 1) for e, (_, s) in trained.items()},
         "results": results,
@@ -380,7 +391,9 @@ def markdown(report: dict) -> str:
     lines += [f"| {row['what']} | {row['videos']} | {row['r2']:.3f} | {row['mae']:.2f} |" for row in report["ground_truth"]]
     lines += ["", "| stage | EF embedding | guidance | sampler | steps | R² (one sample) | MAE | s / video |",
               "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['embedding']} | {r['guidance']:g} | {r['sampler']} | {r['steps']} | {r['r2']:.3f} | "
+    flow = " (flow matching)" if report.get("objective") == "flow_matching" else ""
+    lines += [f"| {r['stage']} | {r['embedding']}{flow} | {r['guidance']:g} | {r['sampler']} | {r['steps']} | "
+              f"{r['r2']:.3f} | "
               f"{r['mae']:.2f} | {r['seconds_per_video']:.2f} |" for r in report["results"]]
     b = report["best_of"]
     lines += ["", f"best-of-{b['n']} (EchoDiffusion's protocol; the regressor picks, so it flatters): {b['embedding']}, "

@@ -10,7 +10,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNetSpatioTemporalConditionModel
+from diffusers import UNetSpatioTemporalConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
@@ -18,10 +18,11 @@ from lightning_modules.checkpoints import load_module
 from lightning_modules.metrics import IndexedCat
 from lightning_modules.components.ef_conditioning import EFConditioner
 from lightning_modules.diffusion_draws import biased_timestep_map, eval_noise, train_draws
-from lightning_modules.diffusion_sampling import (SAMPLERS, blend_windows, denoising_loop, guided_prediction,
+from lightning_modules.diffusion_sampling import (blend_windows, denoising_loop, guided_prediction,
                                                   make_sampler, sample_inputs)
 from lightning_modules.ef_weighting import ef_weights, empty_table, training_split_table
 from lightning_modules.ema import DenoiserEMA
+from lightning_modules.flow_matching import default_sampler, training_pair, training_scheduler
 from lightning_modules.snr_weighting import check_snr_gamma, min_snr_weights
 from lightning_modules.joint_sampling import JointSchedule, check_joint_models, frame_prediction, latent_space_of
 
@@ -30,7 +31,9 @@ __all__ = ["VideoDiffusionModule"]
 class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
     """Denoiser: diffusers' :class:`UNetSpatioTemporalConditionModel` (the SVD UNet) on latent clips ``(B, T, C, h, w)``
     as the DataModule serves them (``space: latent``, scaled). Objective: ``prediction_type`` (v-prediction by default)
-    under a diffusers :class:`DDPMScheduler`; sampling with DDIM, DPM-Solver++, Euler or DDPM (:meth:`sample`).
+    under a diffusers :class:`DDPMScheduler`, sampled with DDIM, DPM-Solver++, Euler or DDPM (:meth:`sample`); or, with
+    ``objective="flow_matching"``, the velocity of rectified flow under a :class:`FlowMatchEulerDiscreteScheduler`,
+    sampled with its Euler or DPM-Solver++ (:mod:`~lightning_modules.flow_matching`).
 
     Conditioning. EF → :class:`EFConditioner` token → cross-attention (``ef_embedding="token"``); or EF as a second
     added time id beside fps, whose embedding the UNet adds to the timestep embedding of every ResNet block (``"time"``:
@@ -58,9 +61,11 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         block_out_channels, layers_per_block, attention_head_dim, cross_attention_dim, addition_time_embed_dim: the
             UNet (SVD layout: cross-attention in every block but the deepest; heads = channels / head dim; every
             channel count a multiple of 32). The EF token has ``cross_attention_dim`` channels.
+        objective: ``"diffusion"`` (default) or ``"flow_matching"`` (then the beta settings, ``prediction_type``,
+            ``rescale_betas_zero_snr`` and ``snr_gamma`` do not apply, and are refused where set).
         beta_schedule, beta_start, beta_end, num_train_timesteps, prediction_type, rescale_betas_zero_snr: the
             training DDPMScheduler (sampled with the same schedule).
-        sampler, sampling_steps, guidance_scale: :meth:`sample`'s defaults.
+        sampler, sampling_steps, guidance_scale: :meth:`sample`'s defaults (sampler None: DDIM; flow: Euler).
         ema_decay: EMA decay (None: no EMA); diffusers' warm-up ``min(decay, (1 + n) / (10 + n))`` applies.
         lr, weight_decay, lr_scheduler, warmup_steps: AdamW and a diffusers ``get_scheduler`` schedule, per step.
         ef_loss_weight_cap, ef_loss_weight_bin: None (default): every training video's loss counts alike. A cap ≥ 1:
@@ -88,13 +93,14 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         reference_conditioning: bool = True,
         ef_dropout: float = 0.1,
         reference_dropout: float = 0.0,
+        objective: Literal["diffusion", "flow_matching"] = "diffusion",
         num_train_timesteps: int = 1000,
         beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear",
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
         prediction_type: Literal["v_prediction", "epsilon", "sample"] = "v_prediction",
         rescale_betas_zero_snr: bool = False,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         sampling_steps: int = 50,
         guidance_scale: float = 1.0,
         ema_decay: float | None = 0.9999,
@@ -118,8 +124,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             raise ValueError("mode='image' is the anatomy model (no reference): set reference_conditioning: false")
         if ef_embedding not in ("token", "time", "both"):
             raise ValueError(f"ef_embedding must be 'token', 'time' or 'both', got {ef_embedding!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        self.default_sampler = default_sampler(objective, sampler, snr_gamma, rescale_betas_zero_snr)
         check_snr_gamma(snr_gamma)
         for name, p in (("ef_dropout", ef_dropout), ("reference_dropout", reference_dropout)):
             if not 0.0 <= p <= 1.0:
@@ -141,10 +146,9 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             projection_class_embeddings_input_dim=addition_time_embed_dim * (1 if ef_embedding == "token" else 2),
         )
         self.conditioner = EFConditioner(cross_attention_dim)
-        self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
-            beta_end=beta_end, prediction_type=prediction_type, rescale_betas_zero_snr=rescale_betas_zero_snr,
-            clip_sample=False)  # latents are not bounded to [-1, 1]
+        self.noise_scheduler = training_scheduler(
+            objective, num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
+            beta_end=beta_end, prediction_type=prediction_type, rescale_betas_zero_snr=rescale_betas_zero_snr)
         self.timestep_map = biased_timestep_map(num_train_timesteps, timestep_bias, timestep_bias_multiplier,
                                                 timestep_bias_portion)  # None: training timesteps stay uniform
         self.ema = EMAModel(self.denoiser_parameters(), decay=ema_decay) if ema_decay is not None else None
@@ -230,13 +234,9 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             drop_ef = torch.ones_like(drop_ef)
         reference = latents[torch.arange(batch_size, device=self.device), reference_frame]
         reference = torch.where(drop_reference.view(-1, 1, 1, 1), torch.zeros_like(reference), reference)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noisy, target, model_timesteps = training_pair(self.noise_scheduler, latents, noise, timesteps)
         tokens, ef_ids = self.condition(ef, drop_ef)
-        prediction = self.denoise(noisy, timesteps, tokens, reference, fps, ef_ids=ef_ids)
-        if hp.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise if hp.prediction_type == "epsilon" else latents
+        prediction = self.denoise(noisy, model_timesteps, tokens, reference, fps, ef_ids=ef_ids)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
         if stage != "train":
             getattr(self, f"{stage}_losses").update(index, loss=per_sample)
@@ -368,7 +368,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             if schedule is not None:
                 image_steps = schedule.image_steps(steps)
                 image_output = frame_prediction(image_model, ef, schedule.guidance_scale, window)
-            return denoising_loop(make_sampler(scheduler or hp.sampler, self.noise_scheduler.config),
+            return denoising_loop(make_sampler(scheduler or self.default_sampler, self.noise_scheduler.config),
                                   lambda x, t: blend_windows(predict(t), x, window, overlap), shape, steps,
                                   generator=generator, device=self.device, dtype=self.dtype,
                                   image_output=image_output, image_steps=image_steps)

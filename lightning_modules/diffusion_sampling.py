@@ -10,7 +10,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-SAMPLERS = ("ddim", "dpm++", "euler", "ddpm")
+from lightning_modules.flow_matching import DIFFUSION_SAMPLERS, flow_sampler, is_flow_schedule
+
+SAMPLERS = DIFFUSION_SAMPLERS
 
 
 def make_sampler(name: str, train_config) -> SchedulerMixin:
@@ -18,8 +20,11 @@ def make_sampler(name: str, train_config) -> SchedulerMixin:
 
     ``"ddim"`` (deterministic, eta 0), ``"dpm++"`` (DPM-Solver++ 2nd order, multistep), ``"euler"`` (Euler discrete)
     or ``"ddpm"`` (ancestral, the training scheduler itself). Timesteps are spaced ``"trailing"`` so the first step
-    starts from pure noise at t = T − 1 even with few steps (Lin et al. 2024).
+    starts from pure noise at t = T − 1 even with few steps (Lin et al. 2024). A flow-matching model's schedule gets
+    its own samplers (:func:`~lightning_modules.flow_matching.flow_sampler`: ``"euler"``, ``"dpm++"``).
     """
+    if is_flow_schedule(train_config):
+        return flow_sampler(name, train_config)
     if name == "ddim":
         return DDIMScheduler.from_config(train_config, timestep_spacing="trailing")
     if name == "dpm++":
@@ -94,14 +99,15 @@ def denoising_loop(sampler: SchedulerMixin, model_output: Callable[[torch.Tensor
     if any(schedule) and image_output is None:
         raise ValueError("image_steps selects steps but no image_output was given")
     latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
-    latents = latents * sampler.init_noise_sigma
+    latents = latents * getattr(sampler, "init_noise_sigma", 1.0)  # flow matching starts from ε itself
     previous = schedule[0]
     for timestep, image_step in zip(sampler.timesteps, schedule):
         if image_step != previous and hasattr(sampler, "lower_order_nums"):
             sampler.lower_order_nums = 0  # the stored previous prediction is the other model's
         previous = image_step
         predict = image_output if image_step else model_output
-        prediction = predict(sampler.scale_model_input(latents, timestep), timestep)
+        scaled = sampler.scale_model_input(latents, timestep) if hasattr(sampler, "scale_model_input") else latents
+        prediction = predict(scaled, timestep)
         latents = sampler.step(prediction, timestep, latents, generator=generator).prev_sample
     return latents
 

@@ -24,7 +24,7 @@ from lightning_modules.diffusion_sampling import guided_prediction
 
 # The noise-schedule settings two models must share for one sampler to serve both.
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
-                  "rescale_betas_zero_snr", "prediction_type")
+                  "rescale_betas_zero_snr", "prediction_type", "shift")  # shift: flow matching's
 
 
 @dataclass(frozen=True)

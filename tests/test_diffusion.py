@@ -303,12 +303,13 @@ class LossRecorder(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-@pytest.mark.parametrize("mode", ["video", "image"])
-def test_loss_falls_on_phantom_latents(latent_phantom, tmp_path, mode):
+@pytest.mark.parametrize("mode,objective", [("video", "diffusion"), ("image", "diffusion"), ("video", "flow_matching")])
+def test_loss_falls_on_phantom_latents(latent_phantom, tmp_path, mode, objective):
     torch.manual_seed(0)
     recorder = LossRecorder()
     image = mode == "image"
-    module = VideoDiffusionModule(**TINY_DIFFUSION, mode=mode, reference_conditioning=not image, ema_decay=None)
+    module = VideoDiffusionModule(**TINY_DIFFUSION, mode=mode, reference_conditioning=not image, ema_decay=None,
+                                  objective=objective)
     datamodule = latent_datamodule(latent_phantom, **({"sampling": "frames", "num_frames": 4} if image else {}))
     trainer = quiet_trainer(tmp_path, max_steps=60, overfit_batches=1, callbacks=[recorder],
                             enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)

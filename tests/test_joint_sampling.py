@@ -184,7 +184,8 @@ def test_models_that_cannot_share_a_loop_are_refused(models):
     for candidate, message in [(other, r"latents \(4, 4, 4\), the image model \(4, 8, 8\)"),
                                (variant(beta_schedule="linear"), "beta_schedule 'scaled_linear' vs 'linear'"),
                                (variant(prediction_type="epsilon"), "prediction_type 'v_prediction' vs 'epsilon'"),
-                               (variant(num_train_timesteps=500), "num_train_timesteps 1000 vs 500")]:
+                               (variant(num_train_timesteps=500), "num_train_timesteps 1000 vs 500"),
+                               (variant(objective="flow_matching"), "beta_schedule 'scaled_linear' vs None")]:
         with pytest.raises(ValueError, match=message):
             video.sample(**options, image_model=candidate, joint="every=2")
     other = variant()
