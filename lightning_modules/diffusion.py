@@ -61,8 +61,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         block_out_channels, layers_per_block, attention_head_dim, cross_attention_dim, addition_time_embed_dim: the
             UNet (SVD layout: cross-attention in every block but the deepest; heads = channels / head dim; every
             channel count a multiple of 32). The EF token has ``cross_attention_dim`` channels.
-        objective: ``"diffusion"`` (default) or ``"flow_matching"`` (then the beta settings, ``prediction_type``,
-            ``rescale_betas_zero_snr`` and ``snr_gamma`` do not apply, and are refused where set).
+        objective: ``"diffusion"`` (default) or ``"flow_matching"`` (then the beta settings and ``prediction_type``
+            do not apply, and ``rescale_betas_zero_snr`` and ``snr_gamma`` are refused).
         beta_schedule, beta_start, beta_end, num_train_timesteps, prediction_type, rescale_betas_zero_snr: the
             training DDPMScheduler (sampled with the same schedule).
         sampler, sampling_steps, guidance_scale: :meth:`sample`'s defaults (sampler None: DDIM; flow: Euler).

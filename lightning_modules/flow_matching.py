@@ -6,8 +6,8 @@ Flow matching: a clip x₀ at noise level σ ∈ (0, 1] is ``x_σ = (1 − σ) x
 (σ = 0) to pure noise (σ = 1); the network, given ``x_σ`` at timestep ``σ·T``, predicts the velocity ``ε − x₀``. A
 training draw t ∈ {0, …, T − 1} is the level ``σ = (t + 1) / T``, so the noisiest step is pure noise, as the first
 sampling step is. Sampling integrates the velocity from σ = 1 to 0 with diffusers'
-:class:`FlowMatchEulerDiscreteScheduler` (``"euler"``) or DPM-Solver++ on flow sigmas (``"dpm++"``, ``prediction_type="flow_prediction"``); both call the
-network at timesteps σ·T, as training did."""
+:class:`FlowMatchEulerDiscreteScheduler` (``"euler"``) or DPM-Solver++ on flow sigmas (``"dpm++"``,
+``prediction_type="flow_prediction"``); both call the network at timesteps σ·T, as training did."""
 
 from __future__ import annotations
 
