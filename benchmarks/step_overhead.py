@@ -61,7 +61,7 @@ def bare_loss(module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     batch_size, frames = latents.shape[:2]
     device = latents.device
     noise, timesteps, reference_frame, ef_coin, reference_coin = module._train_draws(batch["index"],
-                                                                                     latents.shape[1:], frames)
+                                                                                     latents.shape[1:])
     noise = noise.to(latents.dtype)
     drop_ef, drop_reference = ef_coin < hp.ef_dropout, reference_coin < hp.reference_dropout
     module.train_num_frames.fill_(frames)

@@ -11,7 +11,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import UNetSpatioTemporalConditionModel
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from lightning_modules.checkpoints import load_module
@@ -25,6 +24,7 @@ from lightning_modules.ema import DenoiserEMA
 from lightning_modules.flow_matching import default_sampler, training_pair, training_scheduler
 from lightning_modules.snr_weighting import check_snr_gamma, min_snr_weights
 from lightning_modules.joint_sampling import JointSchedule, check_joint_models, frame_prediction, latent_space_of
+from lightning_modules.lr_schedules import check_decay_fraction, step_schedule
 
 __all__ = ["VideoDiffusionModule"]
 
@@ -67,7 +67,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             training DDPMScheduler (sampled with the same schedule).
         sampler, sampling_steps, guidance_scale: :meth:`sample`'s defaults (sampler None: DDIM; flow: Euler).
         ema_decay: EMA decay (None: no EMA); diffusers' warm-up ``min(decay, (1 + n) / (10 + n))`` applies.
-        lr, weight_decay, lr_scheduler, warmup_steps: AdamW and a diffusers ``get_scheduler`` schedule, per step.
+        lr, weight_decay, lr_scheduler, warmup_steps, lr_decay_fraction: AdamW and a diffusers ``get_scheduler``
+            schedule, per step; a constant one's last ``lr_decay_fraction`` of the steps decays linearly to 0 (WSD).
         ef_loss_weight_cap, ef_loss_weight_bin: None (default): every training video's loss counts alike. A cap ≥ 1:
             each is weighted by the inverse frequency of its EF's ``ef_loss_weight_bin``-percent bin in the training
             split, capped, mean 1 (:func:`~lightning_modules.ef_weighting.ef_weight_table`); the table is counted at
@@ -108,6 +109,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         weight_decay: float = 1e-2,
         lr_scheduler: str = "constant_with_warmup",
         warmup_steps: int = 500,
+        lr_decay_fraction: float = 0.0,
         eval_seed: int = 0,
         ef_loss_weight_cap: float | None = None,
         ef_loss_weight_bin: float = 5.0,
@@ -126,6 +128,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             raise ValueError(f"ef_embedding must be 'token', 'time' or 'both', got {ef_embedding!r}")
         self.default_sampler = default_sampler(objective, sampler, snr_gamma, rescale_betas_zero_snr)
         check_snr_gamma(snr_gamma)
+        check_decay_fraction(lr_decay_fraction, lr_scheduler)
         for name, p in (("ef_dropout", ef_dropout), ("reference_dropout", reference_dropout)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
@@ -208,8 +211,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         draws = eval_noise(index, shape, self.hparams.eval_seed, self.hparams.num_train_timesteps)
         return tuple(draw.to(self.device) for draw in draws)
 
-    def _train_draws(self, index: torch.Tensor, shape: torch.Size, frames: int) -> tuple[torch.Tensor, ...]:
-        draws = train_draws(index, shape, frames, self.current_epoch, self.hparams.num_train_timesteps,
+    def _train_draws(self, index: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, ...]:
+        draws = train_draws(index, shape, shape[0], self.current_epoch, self.hparams.num_train_timesteps,
                             self.timestep_map)
         return tuple(draw.to(self.device) for draw in draws)
 
@@ -218,18 +221,16 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         batch_size, frames = latents.shape[:2]
         hp = self.hparams
         if stage == "train":
-            noise, timesteps, reference_frame, ef_coin, reference_coin = self._train_draws(index, latents.shape[1:],
-                                                                                           frames)
-            noise = noise.to(latents.dtype)
+            noise, timesteps, reference_frame, ef_coin, reference_coin = self._train_draws(index, latents.shape[1:])
             drop_ef, drop_reference = ef_coin < hp.ef_dropout, reference_coin < hp.reference_dropout
             self.train_num_frames.fill_(frames)
             self.train_fps.fill_(fps.mean())
             self.latent_shape.copy_(torch.tensor(latents.shape[2:]))
         else:
             noise, timesteps = self._eval_noise(index, latents.shape[1:])
-            noise = noise.to(latents.dtype)
             drop_ef = drop_reference = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
             reference_frame = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        noise = noise.to(latents.dtype)
         if not hp.ef_conditioning:
             drop_ef = torch.ones_like(drop_ef)
         reference = latents[torch.arange(batch_size, device=self.device), reference_frame]
@@ -268,8 +269,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         hp = self.hparams
         parameters = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=hp.lr, weight_decay=hp.weight_decay)
-        schedule = get_scheduler(hp.lr_scheduler, optimizer, num_warmup_steps=hp.warmup_steps,
-                                 num_training_steps=int(self.trainer.estimated_stepping_batches))
+        schedule = step_schedule(hp.lr_scheduler, optimizer, hp.warmup_steps,
+                                 int(self.trainer.estimated_stepping_batches), hp.lr_decay_fraction)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_fit_start(self) -> None:
@@ -277,8 +278,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         self.latent_space = latent_space_of(datamodule) or self.latent_space
         hp = self.hparams
         if hp.ef_loss_weight_cap is not None and not bool(self.ef_weight_table.any()):  # resumed: kept as saved
-            table = training_split_table(datamodule, hp.ef_loss_weight_bin, hp.ef_loss_weight_cap)
-            self.ef_weight_table.copy_(table.to(self.ef_weight_table.device))
+            self.ef_weight_table.copy_(training_split_table(datamodule, hp.ef_loss_weight_bin, hp.ef_loss_weight_cap))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

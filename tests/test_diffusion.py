@@ -323,6 +323,26 @@ def test_loss_falls_on_phantom_latents(latent_phantom, tmp_path, mode, objective
     assert sample.shape == (2, 1 if image else 4, 4, 8, 8) and torch.isfinite(sample).all()
 
 
+class RateRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_a_fit_decays_the_rate_over_the_last_part_of_its_steps(latent_phantom, tmp_path):
+    # 4 training videos, batch 2: 2 steps per epoch, 8 in all; lr_decay_fraction 0.5 decays the last 4 to lr / 4.
+    module = VideoDiffusionModule(**TINY_DIFFUSION, lr_decay_fraction=0.5)
+    recorder = RateRecorder()
+    trainer = quiet_trainer(tmp_path, max_epochs=4, callbacks=[recorder], num_sanity_val_steps=0,
+                            limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(module, latent_datamodule(latent_phantom))
+    lr = TINY_DIFFUSION["lr"]
+    assert trainer.global_step == 8
+    assert recorder.rates == pytest.approx([lr] * 4 + [lr, 0.75 * lr, 0.5 * lr, 0.25 * lr], rel=1e-9)
+
+
 def ema_differences(module: VideoDiffusionModule) -> float:
     return max(float((s - p.detach()).abs().max()) for s, p in zip(module.ema.shadow_params, module.denoiser_parameters()))
 

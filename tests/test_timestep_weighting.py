@@ -69,7 +69,7 @@ def test_training_loss_is_the_weighted_mean_and_evaluation_is_unweighted():
              "fps": torch.full((6,), 12.5), "index": torch.arange(6), "patient": torch.arange(6)}
     # The training draws of a video depend on its index only, so each video's loss and timestep can be had alone.
     alone = torch.stack([plain._shared_step({k: v[i:i + 1] for k, v in batch.items()}, "train") for i in range(6)])
-    timesteps = plain._train_draws(batch["index"], batch["video"].shape[1:], 3)[1]
+    timesteps = plain._train_draws(batch["index"], batch["video"].shape[1:])[1]
     w = min_snr_weights(plain.noise_scheduler, timesteps, 5.0)
     assert len(set(w.tolist())) > 1 and bool((w <= 1).all())  # v-prediction: min(SNR, γ) / (SNR + 1) ≤ 1
     torch.testing.assert_close(weighted._shared_step(batch, "train"), (w * alone).mean(), rtol=1e-5, atol=1e-7)
@@ -121,7 +121,7 @@ def test_a_biased_module_maps_its_own_draws_and_evaluates_uniformly():
     plain = VideoDiffusionModule(**TINY_DIFFUSION)
     biased = VideoDiffusionModule(**TINY_DIFFUSION, timestep_bias="later", timestep_bias_multiplier=4.0)
     index, shape = torch.arange(64), torch.Size([3, 4, 2, 2])
-    draws, biased_draws = plain._train_draws(index, shape, 3), biased._train_draws(index, shape, 3)
+    draws, biased_draws = plain._train_draws(index, shape), biased._train_draws(index, shape)
     torch.testing.assert_close(biased_draws[1], biased.timestep_map[draws[1]])
     for name, a, b in zip(("noise", "reference frame", "EF coin", "reference coin"), (draws[0], *draws[2:]),
                           (biased_draws[0], *biased_draws[2:])):
