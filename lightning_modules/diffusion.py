@@ -35,12 +35,12 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
     ``objective="flow_matching"``, the velocity of rectified flow under a :class:`FlowMatchEulerDiscreteScheduler`,
     sampled with its Euler or DPM-Solver++ (:mod:`~lightning_modules.flow_matching`).
 
-    Conditioning. EF → :class:`EFConditioner` token → cross-attention (``ef_embedding="token"``); or EF as a second
-    added time id beside fps, whose embedding the UNet adds to the timestep embedding of every ResNet block (``"time"``:
-    SVD's ``added_time_ids`` path; the cross-attention then reads the null token only); or both (``"both"``). In
-    ``mode="video"`` a clean reference latent frame of the same video (a random frame of the clip in training, the
-    first in evaluation) is concatenated on channels to every noisy frame (UNet ``in_channels = 2 × latent_channels``).
-    The clip's fps goes in as the UNet's added time id.
+    Conditioning. EF → :class:`EFConditioner` token (its sinusoids: ``ef_encoding``, "timestep" or "smooth") →
+    cross-attention (``ef_embedding="token"``); or EF as a second added time id beside fps, whose embedding the UNet
+    adds to the timestep embedding of every ResNet block (``"time"``: SVD's ``added_time_ids`` path; the
+    cross-attention then reads the null token only); or both (``"both"``). In ``mode="video"`` a clean reference
+    latent frame of the same video (a random frame of the clip in training, the first in evaluation) is concatenated
+    on channels to every noisy frame (UNet ``in_channels = 2 × latent_channels``). The fps is an added time id.
     Classifier-free guidance is trained: each sample's EF is replaced by the learned null token (and null time id)
     with probability ``ef_dropout`` and its reference by zeros with probability ``reference_dropout`` (independently).
 
@@ -91,6 +91,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         addition_time_embed_dim: int = 32,
         ef_conditioning: bool = True,
         ef_embedding: Literal["token", "time", "both"] = "token",
+        ef_encoding: Literal["timestep", "smooth"] = "timestep",
         reference_conditioning: bool = True,
         ef_dropout: float = 0.1,
         reference_dropout: float = 0.0,
@@ -148,7 +149,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             # added time ids: fps, and EF where it is embedded with the timestep
             projection_class_embeddings_input_dim=addition_time_embed_dim * (1 if ef_embedding == "token" else 2),
         )
-        self.conditioner = EFConditioner(cross_attention_dim)
+        self.conditioner = EFConditioner(cross_attention_dim, encoding=ef_encoding)
         self.noise_scheduler = training_scheduler(
             objective, num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
             beta_end=beta_end, prediction_type=prediction_type, rescale_betas_zero_snr=rescale_betas_zero_snr)
@@ -188,8 +189,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         time_ids = fps.view(-1, 1)
         if self.hparams.ef_embedding != "token":
             if ef_ids is None:
-                raise ValueError(f"ef_embedding={self.hparams.ef_embedding!r}: denoise needs the EF time ids "
-                                 "(VideoDiffusionModule.condition)")
+                raise ValueError(f"ef_embedding={self.hparams.ef_embedding!r}: denoise needs EF time ids (condition())")
             time_ids = torch.cat([time_ids, ef_ids.view(-1, 1).to(time_ids)], dim=1)
         return self.unet(noisy, timestep, encoder_hidden_states=tokens, added_time_ids=time_ids.to(noisy.dtype),
                          return_dict=False)[0]

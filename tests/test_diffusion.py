@@ -143,6 +143,28 @@ def test_null_token_is_learned():
     assert not torch.allclose(module.conditioner.null, before)
 
 
+def test_the_smooth_ef_encoding_gives_nearby_efs_nearby_inputs_and_loads_like_the_timestep_one():
+    from lightning_modules.components.ef_conditioning import EFConditioner
+
+    timestep, smooth = EFConditioner(32), EFConditioner(32, encoding="smooth", max_cycles=4.0)
+    ef = torch.tensor([20.0, 50.0, 50.25, 85.0])
+    cycles = torch.arange(1, 33) * (4.0 / 32)  # 32 of the 64 channels: cos, then sin
+    angles = 2 * torch.pi * (ef / 100).unsqueeze(1) * cycles
+    torch.testing.assert_close(smooth.encode(ef), torch.cat([angles.cos(), angles.sin()], dim=1))
+
+    def step(encoder):  # how far a quarter EF point moves the MLP's input, against its norm
+        features = encoder.encode(ef)
+        return float((features[2] - features[1]).norm() / features[1].norm())
+
+    # The timestep sinusoids tell 50 and 50.25 % apart as far as unrelated EFs; the smooth ones barely move.
+    assert step(timestep) > 0.3 and step(smooth) < 0.05  # 0.57 and 0.037 (20 against 85 %: 1.4 in both)
+    assert smooth.state_dict().keys() == timestep.state_dict().keys()  # same weights: checkpoints load either way
+    module = VideoDiffusionModule(**TINY_DIFFUSION, ef_encoding="smooth")
+    assert module.conditioner.encoding == "smooth" and module.condition(ef)[0].shape == (4, 1, 32)
+    with pytest.raises(ValueError, match="EF encoding must be one of timestep, smooth"):
+        EFConditioner(32, encoding="fourier")
+
+
 # ---------------------------------------------------------------------------------------------- windows
 def test_window_blending_equals_hand_computation():
     """6 frames, windows of 4 overlapping by 2 (starts 0 and 2, weights 1/3, 2/3, 2/3, 1/3), a denoiser that outputs
