@@ -29,6 +29,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.checkpoint import Checkpoint
 from callbacks.config_logging import LoggerSaveConfigCallback
@@ -88,6 +89,16 @@ class EchoLVDMCLI(LightningCLI):
         if subcommand and self.config[subcommand].get("ckpt_path"):
             config = self.config[subcommand]
             config.ckpt_path = resume.checked_checkpoint(config.ckpt_path, config.trainer.default_root_dir)
+            given = config.model.clone().as_dict() if config.get("model") is not None else {}
+            super()._parse_ckpt_path()
+            restored = self.config[subcommand].model
+            replaced = resume.replaced_model_arguments(given, restored.clone().as_dict() if restored else {})
+            if replaced:
+                rank_zero_warn(f"--ckpt_path {config.ckpt_path}: the checkpoint's model arguments replace the ones "
+                               f"the configs and the command line give (LightningCLI restores a checkpoint's "
+                               f"hyper_parameters): {'; '.join(replaced)}. To train on with other model arguments, "
+                               f"edit hyper_parameters in a copy of the checkpoint", category=UserWarning)
+            return
         super()._parse_ckpt_path()
 
     def _resume_into_run_folder(self, config, root: str) -> None:

@@ -71,3 +71,19 @@ def restore_rows(writer, header: list[str], rows: list[dict[str, str]]) -> None:
             table.writeheader()
             table.writerows(rows)
     writer.metrics_keys = list(header)
+
+
+def replaced_model_arguments(given: dict, restored: dict) -> list[str]:
+    """The model arguments a checkpoint's ``hyper_parameters`` replaced: ``name given → restored`` for each value of
+    ``given`` (the model as the configs and the command line set it) that ``restored`` (the same after LightningCLI
+    parsed the checkpoint's hyperparameters over it) no longer holds. ``class_path`` and ``init_args`` as LightningCLI
+    keeps a model's config."""
+    replaced = []
+    if given.get("class_path") != restored.get("class_path"):
+        replaced.append(f"class_path {given.get('class_path')} → {restored.get('class_path')}")
+    before = {**(given.get("init_args") or {}), **(given.get("dict_kwargs") or {})}
+    after = {**(restored.get("init_args") or {}), **(restored.get("dict_kwargs") or {})}
+    for name, value in before.items():
+        if name in after and after[name] != value:
+            replaced.append(f"{name} {value!r} → {after[name]!r}")
+    return replaced

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,24 @@ def test_resume_flags_are_checked_before_anything_is_written(resume_data, tmp_pa
         assert err.strip().splitlines()[-1].startswith(f"echo-lvdm: {message}"), err
         assert "Traceback" not in err
         assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_fit_says_which_model_arguments_the_checkpoint_replaced(resume_data, tmp_path):
+    """LightningCLI parses a checkpoint's hyper_parameters over the configs and the command line: ``--model.init_args.lr
+    0.2`` beside ``--ckpt_path`` trains on at the checkpoint's lr. The fit says so, naming the argument and both
+    values, and says nothing when the command agrees with the checkpoint."""
+    root, _ = resume_data
+    out, toy = tmp_path / "run", ["--data.root", str(root), *TOY]
+    fit(out, [], *toy, "--trainer.max_epochs", "1")
+
+    def resumed(*args: str) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(out, [], *toy, "--ckpt_path", "last", *args)
+        return [str(w.message) for w in caught if "--ckpt_path" in str(w.message)]
+
+    said = resumed("--model.init_args.lr", "0.2", "--trainer.max_epochs", "2")
+    assert len(said) == 1 and "the checkpoint's model arguments replace" in said[0] and "lr 0.2 → 0.05" in said[0]
+    checkpoint = torch.load(out / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["hyper_parameters"]["lr"] == 0.05  # what ran: the warning's truth
+    assert resumed("--model.init_args.lr", "0.05", "--trainer.max_epochs", "3") == []
