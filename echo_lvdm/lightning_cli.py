@@ -50,6 +50,7 @@ class EchoLVDMCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", OneLineParser)  # a parse error is one line, as every user error
+        self._model_arguments_given = resume.model_arguments_given(sys.argv[1:] if args is None else list(args))
         super().__init__(
             model_class=None,
             datamodule_class=EchoNetDataModule,
@@ -92,12 +93,13 @@ class EchoLVDMCLI(LightningCLI):
             given = config.model.clone().as_dict() if config.get("model") is not None else {}
             super()._parse_ckpt_path()
             restored = self.config[subcommand].model
-            replaced = resume.replaced_model_arguments(given, restored.clone().as_dict() if restored else {})
+            replaced = resume.replaced_model_arguments(given, restored.clone().as_dict() if restored else {},
+                                                       self._model_arguments_given)
             if replaced:
                 rank_zero_warn(f"--ckpt_path {config.ckpt_path}: the checkpoint's model arguments replace the ones "
-                               f"the configs and the command line give (LightningCLI restores a checkpoint's "
-                               f"hyper_parameters): {'; '.join(replaced)}. To train on with other model arguments, "
-                               f"edit hyper_parameters in a copy of the checkpoint", category=UserWarning)
+                               f"the configs and the command line set (LightningCLI restores a checkpoint's "
+                               f"hyper_parameters): {'; '.join(replaced)}. To run with other model arguments, edit "
+                               f"hyper_parameters in a copy of the checkpoint", category=UserWarning)
             return
         super()._parse_ckpt_path()
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.errors import UserInputError
+from datamodules.errors import UserInputError, read_yaml
 from datamodules.video_io import atomic_output
+from echo_lvdm.cli_errors import config_paths
 from lightning_modules.checkpoints import check_checkpoint_file
 
 _VERSION = re.compile(r"version_(\d+)")
@@ -73,17 +75,39 @@ def restore_rows(writer, header: list[str], rows: list[dict[str, str]]) -> None:
     writer.metrics_keys = list(header)
 
 
-def replaced_model_arguments(given: dict, restored: dict) -> list[str]:
-    """The model arguments a checkpoint's ``hyper_parameters`` replaced: ``name given → restored`` for each value of
-    ``given`` (the model as the configs and the command line set it) that ``restored`` (the same after LightningCLI
-    parsed the checkpoint's hyperparameters over it) no longer holds. ``class_path`` and ``init_args`` as LightningCLI
-    keeps a model's config."""
+def model_arguments_given(args: Sequence[str]) -> set[str]:
+    """The model arguments ``args`` set by name: ``model.init_args`` keys of its ``--config`` files, and
+    ``--model.init_args.<name>`` / ``--model.<name>`` words. (A config that names only ``model.class_path`` leaves
+    the rest to a checkpoint's hyper_parameters, as ``configs/generate.yaml`` does.)"""
+    names: set[str] = set()
+    for path in config_paths(args):
+        try:
+            content = read_yaml(path) or {}
+        except (OSError, UserInputError):
+            continue  # LightningCLI reports it
+        model = content.get("model") if isinstance(content, dict) else None
+        if isinstance(model, dict):
+            names |= set(model.get("init_args") or {}) | set(model.get("dict_kwargs") or {})
+            names |= set(model) - {"class_path", "init_args", "dict_kwargs", "__path__"}
+    for arg in args:
+        if arg.startswith("--model."):
+            name = arg.split("=", 1)[0].removeprefix("--model.").removeprefix("init_args.")
+            if name and name != "class_path":
+                names.add(name.split(".", 1)[0])
+    return names
+
+
+def replaced_model_arguments(given: dict, restored: dict, names: set[str]) -> list[str]:
+    """The model arguments a checkpoint's ``hyper_parameters`` replaced: ``name given → restored`` for each of
+    ``names`` (those the command set) whose value in ``given`` (the model's config before the checkpoint was read)
+    ``restored`` (after LightningCLI parsed the checkpoint's hyperparameters over it) no longer holds, and the class
+    when the two differ. Both as LightningCLI keeps a model's config: ``class_path`` and ``init_args``."""
     replaced = []
     if given.get("class_path") != restored.get("class_path"):
         replaced.append(f"class_path {given.get('class_path')} → {restored.get('class_path')}")
     before = {**(given.get("init_args") or {}), **(given.get("dict_kwargs") or {})}
     after = {**(restored.get("init_args") or {}), **(restored.get("dict_kwargs") or {})}
     for name, value in before.items():
-        if name in after and after[name] != value:
+        if name in names and name in after and after[name] != value:
             replaced.append(f"{name} {value!r} → {after[name]!r}")
     return replaced

@@ -169,11 +169,14 @@ def test_resume_flags_are_checked_before_anything_is_written(resume_data, tmp_pa
 
 def test_a_resumed_fit_says_which_model_arguments_the_checkpoint_replaced(resume_data, tmp_path):
     """LightningCLI parses a checkpoint's hyper_parameters over the configs and the command line: ``--model.init_args.lr
-    0.2`` beside ``--ckpt_path`` trains on at the checkpoint's lr. The fit says so, naming the argument and both
-    values, and says nothing when the command agrees with the checkpoint."""
+    0.05`` beside ``--ckpt_path`` runs at the checkpoint's lr. The command says so, naming the argument and both
+    values, whether a config file or the command line set it; it says nothing of arguments nobody set (a config that
+    names only the class, as configs/generate.yaml, takes the checkpoint's architecture) or set as the checkpoint has."""
     root, _ = resume_data
     out, toy = tmp_path / "run", ["--data.root", str(root), *TOY]
-    fit(out, [], *toy, "--trainer.max_epochs", "1")
+    fit(out, [], *toy, "--trainer.max_epochs", "1", "--model.init_args.lr", "0.2")
+    overlay = tmp_path / "lr.yaml"
+    overlay.write_text(yaml.safe_dump({"model": {"init_args": {"lr": 0.1}}}))
 
     def resumed(*args: str) -> list[str]:
         with warnings.catch_warnings(record=True) as caught:
@@ -181,8 +184,11 @@ def test_a_resumed_fit_says_which_model_arguments_the_checkpoint_replaced(resume
             fit(out, [], *toy, "--ckpt_path", "last", *args)
         return [str(w.message) for w in caught if "--ckpt_path" in str(w.message)]
 
-    said = resumed("--model.init_args.lr", "0.2", "--trainer.max_epochs", "2")
-    assert len(said) == 1 and "the checkpoint's model arguments replace" in said[0] and "lr 0.2 → 0.05" in said[0]
+    said = resumed("--model.init_args.lr", "0.05", "--trainer.max_epochs", "2")
+    assert len(said) == 1 and "the checkpoint's model arguments replace" in said[0] and "lr 0.05 → 0.2" in said[0]
     checkpoint = torch.load(out / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert checkpoint["epoch"] == 1 and checkpoint["hyper_parameters"]["lr"] == 0.05  # what ran: the warning's truth
-    assert resumed("--model.init_args.lr", "0.05", "--trainer.max_epochs", "3") == []
+    assert checkpoint["epoch"] == 1 and checkpoint["hyper_parameters"]["lr"] == 0.2  # what ran: the warning's truth
+    said = resumed("--config", str(overlay), "--trainer.max_epochs", "3")
+    assert len(said) == 1 and "lr 0.1 → 0.2" in said[0]
+    assert resumed("--trainer.max_epochs", "4") == []  # the default lr, 0.05, was not set: nothing replaced
+    assert resumed("--model.init_args.lr", "0.2", "--trainer.max_epochs", "5") == []
