@@ -15,6 +15,9 @@ The model is whatever LightningModule the config's ``model.class_path`` names; t
   ``<default_root_dir>/version_<n>/checkpoints/last.ckpt``, and a fit resumed from a checkpoint of ``version_<n>``
   logs and checkpoints into ``version_<n>`` again (:mod:`echo_lvdm.resume`). A ``--ckpt_path`` that is no file is
   refused before anything is written.
+* **A command given a checkpoint says which model arguments it replaced**: LightningCLI parses a ``--ckpt_path``
+  checkpoint's ``hyper_parameters`` over the config, so a model argument a config or the command line set to another
+  value does not hold; each such argument is named in one warning with both values (:mod:`echo_lvdm.resume`).
 * The resolved config is saved with the run (``config.yaml``, and into wandb / TensorBoard runs).
 """
 

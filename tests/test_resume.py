@@ -170,8 +170,9 @@ def test_resume_flags_are_checked_before_anything_is_written(resume_data, tmp_pa
 def test_a_resumed_fit_says_which_model_arguments_the_checkpoint_replaced(resume_data, tmp_path):
     """LightningCLI parses a checkpoint's hyper_parameters over the configs and the command line: ``--model.init_args.lr
     0.05`` beside ``--ckpt_path`` runs at the checkpoint's lr. The command says so, naming the argument and both
-    values, whether a config file or the command line set it; it says nothing of arguments nobody set (a config that
-    names only the class, as configs/generate.yaml, takes the checkpoint's architecture) or set as the checkpoint has."""
+    values, whether a config file or the command line set it; it says nothing of arguments nobody set (a config
+    that names only the class, as configs/generate.yaml, takes the checkpoint's architecture) or set as the
+    checkpoint has."""
     root, _ = resume_data
     out, toy = tmp_path / "run", ["--data.root", str(root), *TOY]
     fit(out, [], *toy, "--trainer.max_epochs", "1", "--model.init_args.lr", "0.2")
