@@ -8,10 +8,12 @@ from collections.abc import Sequence
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
+from datamodules.augment import RANDOM_LIMITS, FrameTransform
 from datamodules.clips import clip_indices
 from lightning_modules.metrics import EFRegressionMetrics
 from lightning_modules.components.r2plus1d import R2Plus1D, load_torchvision_weights
@@ -52,6 +54,11 @@ class EFRegressorModule(L.LightningModule):
             a fresh fit (see :func:`load_torchvision_weights`; the 400-class head is skipped).
         test_clip_stride: frames between clip starts in the all-clips protocol (1 = every start, as EchoNet).
         clip_batch_size: clips per forward pass when a video is cut into clips.
+        augment: pixel space only: each training clip is warped (shift, turn, rescale), blurred, brightened or
+            darkened and made noisier by one random transform of all its frames (:meth:`FrameTransform.random`,
+            each kind drawn with this probability; shifts and blur scale with the frame size, their limits being
+            for 112 px). None of these changes the EF of the heart they show, so the regressor learns EF rather
+            than the training videos (and reads blurrier generated videos). 0: off (EchoNet-Dynamic's setting).
     """
 
     def __init__(
@@ -73,6 +80,7 @@ class EFRegressorModule(L.LightningModule):
         torchvision_weights: str | None = None,
         test_clip_stride: int = 1,
         clip_batch_size: int = 16,
+        augment: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -83,6 +91,10 @@ class EFRegressorModule(L.LightningModule):
         if test_clip_stride < 1 or clip_batch_size < 1:
             raise ValueError(f"test_clip_stride ({test_clip_stride}) and clip_batch_size ({clip_batch_size}) "
                              "must be ≥ 1")
+        if not 0.0 <= augment <= 1.0:
+            raise ValueError(f"augment is a probability in [0, 1], got {augment}")
+        if augment > 0 and in_channels == 4:
+            raise ValueError("augment transforms pixels; a latent-space regressor (in_channels=4) takes augment=0")
         self.network = R2Plus1D(in_channels, 1, layers, width, stem_kernel, stem_stride, spatial_strides,
                                 temporal_strides)
         self.register_buffer("train_ef_mean", torch.tensor(float("nan")))
@@ -170,7 +182,7 @@ class EFRegressorModule(L.LightningModule):
         clip_length = int(self.train_clip_length)
         if stage == "train":
             self.train_clip_length.fill_(video.shape[1])
-            predictions = self(video)
+            predictions = self(self._augment(video) if self.hparams.augment > 0 else video)
         elif clip_length and video.shape[1] != clip_length:
             predictions = torch.stack([self.predict_video_ef(v, clip_length, self.hparams.test_clip_stride)
                                        for v in video])
@@ -181,6 +193,20 @@ class EFRegressorModule(L.LightningModule):
         self._metrics(stage).update(batch["index"], predictions, target)
         self.log(f"{stage}/loss", loss, batch_size=len(video), prog_bar=True, sync_dist=stage != "train")
         return loss
+
+    def _augment(self, video: torch.Tensor) -> torch.Tensor:
+        """One random EF-preserving transform per clip of ``video (B, T, C, H, W)``, drawn from torch's RNG (so
+        ``seed_everything`` fixes it)."""
+        size = video.shape[-1]
+        limits = {**RANDOM_LIMITS, "shift": RANDOM_LIMITS["shift"] * size / 112.0,
+                  "blur": RANDOM_LIMITS["blur"] * size / 112.0}
+        seeds = torch.randint(0, 2**31 - 1, (len(video),)).tolist()
+        clips = []
+        for clip, seed in zip(video, seeds):
+            transform = FrameTransform.random(np.random.default_rng(seed), limits, self.hparams.augment)
+            generator = torch.Generator().manual_seed(seed)
+            clips.append(transform.apply(clip.cpu(), generator).to(video.device))
+        return torch.stack(clips)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")

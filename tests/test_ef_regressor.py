@@ -315,3 +315,39 @@ def test_predict_ef_batches_in_eval_mode_and_restores_mode():
     assert not module.training
     with pytest.raises(ValueError, match="C=4"):
         module.predict_ef(torch.randn(2, 6, 1, 14, 14))
+
+
+def test_augment_transforms_each_training_clip_as_a_whole_and_leaves_evaluation_alone(monkeypatch):
+    module = EFRegressorModule(**TINY_EF, augment=1.0)
+    module.train_metrics.update = module.val_metrics.update = lambda *args: None
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(module, "forward", lambda video: seen.append(video) or video.mean((1, 2, 3, 4)))
+    # Four clips of one still frame each (a bright disc on black), every frame the same.
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disc = torch.where((yy - 16) ** 2 + (xx - 16) ** 2 < 64, 0.8, -1.0)
+    video = disc.expand(4, 6, 1, 32, 32).clone()
+    batch = {"video": video, "ef": torch.full((4,), 50.0), "index": torch.arange(4)}
+
+    torch.manual_seed(0)
+    module._shared_step(batch, "train")
+    torch.manual_seed(0)
+    module._shared_step(batch, "train")
+    module._shared_step(batch, "val")
+    first, again, evaluated = seen
+    assert first.shape == video.shape and first.abs().max() <= 1.0
+    torch.testing.assert_close(first, again)  # drawn from torch's RNG: seed_everything fixes it
+    assert torch.equal(evaluated, video)  # validation and test see the clips as they are
+    for clip in first:
+        assert (clip - video[0]).abs().mean() > 0.01  # each kind is drawn at probability 1
+        # One warp, blur and intensity change for the whole clip; only the additive noise differs frame to frame.
+        frame_means = clip.mean((1, 2, 3))
+        assert frame_means.std() < 0.01 and (clip[0] - clip[1]).abs().mean() > 0.0
+    assert not torch.allclose(first[0], first[1], atol=0.05)  # another transform per clip
+
+
+def test_augment_is_a_probability_and_pixel_only():
+    with pytest.raises(ValueError, match="probability"):
+        EFRegressorModule(**TINY_EF, augment=1.5)
+    with pytest.raises(ValueError, match="latent"):
+        EFRegressorModule(**TINY_EF, in_channels=4, augment=0.5)
