@@ -51,8 +51,10 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     (no_ef / "Videos").symlink_to(data / "Videos")
     paths["no_ef"] = no_ef
     pipeline = work / "pipeline.yaml"  # the quickstart with a typo in its last Lightning stage's args
-    pipeline.write_text((REPO / "configs/pipeline/quickstart.yaml").read_text().replace(
-        "--model.lr_step_period, 6", "--model.lr_step_perod, 6"))
+    quickstart = (REPO / "configs/pipeline/quickstart.yaml").read_text()
+    last_args = "--model.lr_step_period, 24, --data.period, 1"  # ef_synthetic's
+    assert quickstart.count(last_args) == 1, "the quickstart's ef_synthetic args changed: update this typo"
+    pipeline.write_text(quickstart.replace(last_args, last_args.replace("step_period", "step_perod")))
     paths["pipeline"] = pipeline
     typo = work / "typo.yaml"  # a config with a misspelt trainer key
     typo.write_text("trainer:\n  max_epoch: 3\n")
