@@ -1,9 +1,10 @@
 """Frame transforms that keep the patient: the near-copies a memorising generator leaks — shifted, rotated,
 rescaled, noisier, brighter or darker, blurrier versions of a training frame.
 
-Two users: the privacy audit builds its canaries with them (:mod:`lightning_modules.privacy_audit`), and the
+Three users: the privacy audit builds its canaries with them (:mod:`lightning_modules.privacy_audit`), the
 DataModule's ``augment_frames`` serves randomly transformed copies of training frames as extra positives of the
-re-identification model (:meth:`FrameTransform.random`). Frames are float ``(N, C, H, W)`` in the model range
+re-identification model (:meth:`FrameTransform.random`), and the EF regressor's ``augment`` transforms its training
+clips (none of the transforms changes the EF of the heart shown). Frames are float ``(N, C, H, W)`` in the model range
 [-1, 1] (black = -1); noise σ is on the 0–255 scale of written videos.
 """
 
