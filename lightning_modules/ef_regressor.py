@@ -58,7 +58,7 @@ class EFRegressorModule(L.LightningModule):
             darkened and made noisier by one random transform of all its frames (:meth:`FrameTransform.random`,
             each kind drawn with this probability; shifts and blur scale with the frame size, their limits being
             for 112 px). None of these changes the EF of the heart they show, so the regressor learns EF rather
-            than the training videos (and reads blurrier generated videos). 0: off (EchoNet-Dynamic's setting).
+            than the training videos. 0: off (EchoNet-Dynamic's setting). The transforms run on the CPU.
     """
 
     def __init__(
