@@ -152,6 +152,35 @@ def test_kill_points(kill, validation, resumed_from, resume_data, tmp_path):
     assert_same_fit(straight, resumed, resumed_from)
 
 
+def test_a_fit_that_ends_between_validations_leaves_last_ckpt_at_its_end(resume_data, tmp_path):
+    """Validated every 2nd epoch, a 3-epoch fit ends with last.ckpt at its last step — Lightning alone leaves it at
+    the last validation, an epoch short — and that checkpoint resumed with max_epochs 4 trains on as the 4-epoch fit
+    did from the start: the same batches, losses and end weights."""
+    root, _ = resume_data
+    toy = ["--data.root", str(root), *TOY, "--trainer.check_val_every_n_epoch", "2"]
+    fit(tmp_path / "short", [], *toy, "--trainer.max_epochs", "3")
+    assert weights(tmp_path / "short")["global_step"] == 3 * BATCHES_PER_EPOCH
+    fit(tmp_path / "short", [], *toy, "--trainer.max_epochs", "4", "--ckpt_path", "last")
+    fit(tmp_path / "long", [], *toy, "--trainer.max_epochs", "4")
+    extended, straight = losses(tmp_path / "short"), losses(tmp_path / "long")
+    assert [batch for batch, _, _ in extended] == list(range(4 * BATCHES_PER_EPOCH))
+    assert [entry[:2] for entry in extended] == [entry[:2] for entry in straight]
+    a, b = weights(tmp_path / "short"), weights(tmp_path / "long")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize("max_steps", [7, 8], ids=["inside an epoch", "at an epoch's end"])
+def test_a_fit_stopped_by_max_steps_between_validations_says_where_last_ckpt_is(max_steps, resume_data, tmp_path):
+    """max_steps 7 or 8 with validation every 3rd step: last.ckpt stays at step 6 (Lightning resumes an epoch-end
+    checkpoint of a step-stopped fit into the wrong epoch), and the fit says so."""
+    root, _ = resume_data
+    with pytest.warns(UserWarning, match=f"last.ckpt holds step 6, not this fit's last step {max_steps}"):
+        fit(tmp_path / "run", [], "--data.root", str(root), *TOY, "--trainer.val_check_interval", "3",
+            "--trainer.check_val_every_n_epoch", "null", "--trainer.max_epochs", "-1", "--trainer.max_steps",
+            str(max_steps))
+    assert weights(tmp_path / "run")["global_step"] == 6
+
+
 def test_resume_flags_are_checked_before_anything_is_written(resume_data, tmp_path, monkeypatch, capsys):
     """A ``--ckpt_path`` that is no file stops the console script with one line and exit status 1, before a run
     folder exists (it used to leave an empty ``version_<n>/config.yaml``)."""
