@@ -171,8 +171,9 @@ def test_a_fit_that_ends_between_validations_leaves_last_ckpt_at_its_end(resume_
 
 @pytest.mark.parametrize("max_steps", [7, 8], ids=["inside an epoch", "at an epoch's end"])
 def test_a_fit_stopped_by_max_steps_between_validations_says_where_last_ckpt_is(max_steps, resume_data, tmp_path):
-    """max_steps 7 or 8 with validation every 3rd step: last.ckpt stays at step 6 (Lightning resumes an epoch-end
-    checkpoint of a step-stopped fit into the wrong epoch), and the fit says so."""
+    """max_steps 7 or 8 with validation every 3rd step: last.ckpt stays at step 6 (an epoch-end checkpoint of a
+    step-stopped fit does not resume as the longer fit: Lightning counts the next batch into the stopped epoch), and
+    the fit says so."""
     root, _ = resume_data
     with pytest.warns(UserWarning, match=f"last.ckpt holds step 6, not this fit's last step {max_steps}"):
         fit(tmp_path / "run", [], "--data.root", str(root), *TOY, "--trainer.val_check_interval", "3",
