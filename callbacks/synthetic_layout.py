@@ -25,6 +25,7 @@ header alone would make both ``Echo`` variants keep no video at all.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,36 @@ def mark_unfiltered(out: Path) -> None:
     if not note.is_file():
         note.write_text("This synthetic dataset was written WITHOUT the re-identification privacy filter "
                         "(unfiltered: true). Videos may reproduce training patients. Do not share it as private.\n")
+
+
+def check_folder(out: Path, signature: dict[str, Any]) -> None:
+    """``out`` must hold nothing, or a dataset written with this very setup ``signature`` (then the run continues
+    it)."""
+    meta_path = out / "dataset.json"
+    if meta_path.is_file():
+        previous = json.loads(meta_path.read_text()).get("setup", {})
+        changed = sorted(key for key in set(previous) | set(signature) if previous.get(key) != signature.get(key))
+        if changed:
+            raise ValueError(f"SyntheticDatasetWriter: {out} holds a dataset written with another setup "
+                             f"({', '.join(changed)} differ); use a new folder, or delete it to start over")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"SyntheticDatasetWriter: {out} exists and is not a synthetic dataset written by "
+                         "echo-lvdm (no dataset.json); choose an empty or new folder")
+
+
+def reconcile(out: Path) -> dict[int, dict[str, Any]]:
+    """After a killed run, the attempts of ``audit.csv`` that ``Videos/`` agrees with: a kept attempt whose video is
+    gone is left out (it is generated again), a video never listed (killed in between) is deleted. The caller
+    rewrites the lists from the rows returned."""
+    videos = out / "Videos"
+    videos.mkdir(parents=True, exist_ok=True)
+    rows = read_audit(out / "audit.csv")
+    kept = {row["FileName"] for row in rows.values() if row["Decision"] == "kept"}
+    missing = [attempt for attempt, row in rows.items() if row["Decision"] == "kept"
+               and not (videos / f"{row['FileName']}.avi").is_file()]
+    for attempt in missing:
+        del rows[attempt]
+    for path in videos.glob("*.avi"):
+        if path.stem not in kept:
+            path.unlink()
+    return rows

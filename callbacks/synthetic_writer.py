@@ -36,8 +36,9 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks.synthetic_layout import (AUDIT_COLUMNS, ECHOSYN_MIN_SECONDS, FILELIST_COLUMNS, filelist_rows,
-                                        mark_unfiltered, read_audit, split_fractions, split_plan, write_csv)
+from callbacks.synthetic_layout import (AUDIT_COLUMNS, ECHOSYN_MIN_SECONDS, FILELIST_COLUMNS, check_folder,
+                                        filelist_rows, mark_unfiltered, read_audit, reconcile, split_fractions,
+                                        split_plan, write_csv)
 from datamodules.dataset import to_model_range
 from datamodules.requests import GenerationRequests
 from datamodules.video_io import atomic_output, read_video, write_video
@@ -161,12 +162,13 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             self.bank = self._privacy_bank(trainer, datamodule)
         self.split_plan = split_plan(self.splits, self.num_videos, self.requests.seed)
         self.signature = self._signature(pl_module)
-        self._check_folder()  # every rank, so that all of them raise together
+        check_folder(self.out, self.signature)  # every rank, so that all of them raise together
         if self.reid is not None:
             self._run_audit(trainer)
         _barrier()
         if trainer.is_global_zero:
-            self._reconcile()
+            self.rows = reconcile(self.out)
+            self._write_lists()
         _barrier()
         self.rows = read_audit(self.out / "audit.csv")
         rank_zero_info(f"SyntheticDatasetWriter: {self.kept} of {self.num_videos} videos kept so far in {self.out}"
@@ -280,36 +282,6 @@ class SyntheticDatasetWriter(BasePredictionWriter):
                 "requests": requests, "num_videos": self.num_videos,
                 "splits": self.splits, "sampling": self.sampling, "num_frames": self.num_frames, "fps": self.fps,
                 "prefix": self.prefix, "privacy_filtered": not self.unfiltered}
-
-    def _check_folder(self) -> None:
-        """``out`` must hold nothing, or a dataset written with this very setup (then the run continues it)."""
-        meta_path = self.out / "dataset.json"
-        if meta_path.is_file():
-            previous = json.loads(meta_path.read_text()).get("setup", {})
-            changed = sorted(key for key in set(previous) | set(self.signature)
-                             if previous.get(key) != self.signature.get(key))
-            if changed:
-                raise ValueError(f"SyntheticDatasetWriter: {self.out} holds a dataset written with another setup "
-                                 f"({', '.join(changed)} differ); use a new folder, or delete it to start over")
-        elif self.out.is_dir() and any(self.out.iterdir()):
-            raise ValueError(f"SyntheticDatasetWriter: {self.out} exists and is not a synthetic dataset written by "
-                             "echo-lvdm (no dataset.json); choose an empty or new folder")
-
-    def _reconcile(self) -> None:
-        """Rank 0: make Videos/ and the lists agree after a killed run."""
-        (self.out / "Videos").mkdir(parents=True, exist_ok=True)
-        rows = read_audit(self.out / "audit.csv")
-        videos = self.out / "Videos"
-        kept = {row["FileName"] for row in rows.values() if row["Decision"] == "kept"}
-        missing = [attempt for attempt, row in rows.items() if row["Decision"] == "kept"
-                   and not (videos / f"{row['FileName']}.avi").is_file()]
-        for attempt in missing:  # listed but gone: generate it again
-            del rows[attempt]
-        for path in videos.glob("*.avi"):  # written but never listed (killed in between): not part of the dataset
-            if path.stem not in kept:
-                path.unlink()
-        self.rows = rows
-        self._write_lists()
 
     # --------------------------------------------------------------------------------------------- writing
     @property
