@@ -89,33 +89,20 @@ def reference_swap(read: np.ndarray, requested: np.ndarray, reference_ef: np.nda
             "r2_against_requested": faithfulness.r2_mae(read, requested)[0]}
 
 
-def sample_and_read(model, instrument, ef: torch.Tensor, reference: torch.Tensor, seeds: list[int],
-                    args: argparse.Namespace) -> np.ndarray:
-    read = []
-    for lo in range(0, len(ef), args.batch_size):
-        rows = slice(lo, lo + args.batch_size)
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds[rows]]
-        with torch.no_grad():
-            latents = model.sample(ef=ef[rows], reference=reference[rows], num_frames=args.frames, steps=args.steps,
-                                   scheduler=args.sampler, guidance_scale=args.guidance, generator=generators)
-        read.append(instrument.read(instrument.as_written(latents)))
-    return np.concatenate(read)
+def read_requests(model, instrument, ef: torch.Tensor, reference: torch.Tensor, seeds: list[int],
+                  args: argparse.Namespace) -> np.ndarray:
+    """EF read from one video per request (``ef``, ``reference``, noise ``seeds``), sampled as configured."""
+    requests = argparse.Namespace(ef=ef, reference=reference, seeds=seeds)
+    return faithfulness.sample_and_read(model, requests, instrument, args, args.sampler, args.steps, args.guidance)[0]
 
 
 def instrument_floor(found: dict, instrument, frames: int, fps: float) -> dict:
     """The regressor on the real test split's clips through the VAE round trip, as they are and motionless."""
-    from datamodules import EchoNetDataModule
-
-    module = EchoNetDataModule(space="latent", sampling="clip", clip_length=frames, fps=fps, batch_size=16,
-                               num_workers=0, latent_posterior="mean", root=found["data"], latent_dir=found["encode"])
-    module.setup("test")
-    moving, still, target = [], [], []
-    for batch in module.test_dataloader():
-        pixels = instrument.as_written(batch["video"])
-        moving.append(instrument.read(pixels))
-        still.append(instrument.read(pixels[:, :1].expand_as(pixels).contiguous()))
-        target.append(batch["ef"].float().numpy())
-    moving, still, target = map(np.concatenate, (moving, still, target))
+    data = {"root": found["data"], "latent_dir": found["encode"]}
+    moving, target = faithfulness.read_test_split(instrument, frames, fps, space="latent", **data)
+    still, _ = faithfulness.read_test_split(instrument, frames, fps, space="latent",
+                                            transform=lambda pixels: pixels[:, :1].expand_as(pixels).contiguous(),
+                                            **data)
     r2, mae = faithfulness.r2_mae(moving, target)
     return {"videos": len(target), "r2": r2, "mae": mae, "lowest_ef": float(target.min()),
             "motionless_mean": float(still.mean()), "motionless_sd": float(still.std())}
@@ -144,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     base = args.seed * 1_000_003
     with torch.no_grad():
         references = anatomy_references(anatomy, cell_ef, [base + i for i in range(len(cell_ef))])
-    draws = [sample_and_read(model, instrument, cell_ef, references,
+    draws = [read_requests(model, instrument, cell_ef, references,
                              [base + 7919 * (d + 1) + i for i in range(len(cell_ef))], args) for d in range(args.draws)]
     reads = np.stack(draws, axis=1).reshape(args.efs, args.references, args.draws)
     sources = error_sources(reads, requested, args.outlier)
@@ -160,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         seeds = [base + 500_000 + i for i in range(args.swap)]
         with torch.no_grad():
             swap_references = anatomy_references(anatomy, reference_ef, seeds)
-        swap = reference_swap(sample_and_read(model, instrument, swap_ef, swap_references, seeds, args),
+        swap = reference_swap(read_requests(model, instrument, swap_ef, swap_references, seeds, args),
                               swap_ef.numpy(), reference_ef.numpy())
 
     report = {"run": str(args.run), "embedding": embedding, "objective": objective, "train_steps": train_steps,

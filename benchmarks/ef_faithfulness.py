@@ -183,10 +183,11 @@ class Instrument:
         return self.regressor.read_ef(pixels, self.ef_size).numpy()
 
 
-def read_test_split(instrument: Instrument, frames: int, fps: float, space: str = "pixel", **data: str
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """EF read from, and the FileList EF of, every test video's clip (``space="latent"``: through the VAE round trip);
-    ``data``: the EchoNetDataModule's ``root`` and ``latent_dir``."""
+def read_test_split(instrument: Instrument, frames: int, fps: float, space: str = "pixel", transform=None,
+                    **data: str) -> tuple[np.ndarray, np.ndarray]:
+    """EF read from, and the FileList EF of, every test video's clip (``space="latent"``: through the VAE round trip;
+    ``transform``: applied to the pixels before they are read); ``data``: the EchoNetDataModule's ``root`` and
+    ``latent_dir``."""
     from datamodules import EchoNetDataModule
 
     module = EchoNetDataModule(space=space, sampling="clip", clip_length=frames, fps=fps, batch_size=16, num_workers=0,
@@ -195,7 +196,7 @@ def read_test_split(instrument: Instrument, frames: int, fps: float, space: str 
     read, target = [], []
     for batch in module.test_dataloader():
         video = batch["video"] if space == "pixel" else instrument.as_written(batch["video"])
-        read.append(instrument.read(video))
+        read.append(instrument.read(video if transform is None else transform(video)))
         target.append(batch["ef"].float().numpy())
     return np.concatenate(read), np.concatenate(target)
 
