@@ -12,8 +12,10 @@ real phantom data and its latent cache, the VAE, the EF regressor and the anatom
    seed, the default EF distribution) stratified to uniform over that range;
 2. trains the video stage's model (``configs/lvdm.yaml`` + ``configs/lvdm_quickstart.yaml`` through ``echo-lvdm
    fit``) once per EF embedding — ``token`` (cross-attention, the SVD UNet's ``encoder_hidden_states``), ``time``
-   (an added time id beside fps: SVD's ``added_time_ids``, added to every ResNet block's time embedding), ``both`` —
-   for the same number of steps on the same data and seed;
+   (an added time id beside fps: SVD's ``added_time_ids``, added to every ResNet block's time embedding), ``both``,
+   and, asked for by ``--embeddings``, ``time+film`` / ``both+film`` (that time embedding as a FiLM scale and shift
+   of every ResNet block's normalised features, ``time_embedding_norm: scale_shift``) — for the same number of steps
+   on the same data and seed;
 3. samples fully synthetic videos as the synthetic dataset writer does — request i asks for EF uniform in
    ``--ef-range`` (``GenerationRequests``' draws), its reference frame is the anatomy model's sample at that EF — and
    reads them back with the regressor: R² and MAE of read against requested EF, one sample per request. First every
@@ -55,7 +57,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-EMBEDDINGS = ("token", "time", "both")
+# "+film": the time embedding that carries EF scales and shifts every ResNet block (time_embedding_norm: scale_shift)
+EMBEDDINGS = ("token", "time", "both", "time+film", "both+film")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--video-config", nargs="+", default=["configs/lvdm.yaml", "configs/lvdm_quickstart.yaml"])
     parser.add_argument("--train-steps", type=int, default=315,
                         help="video-model training steps per EF embedding (315: the study's video stage, 5 epochs of 63)")
-    parser.add_argument("--embeddings", nargs="+", choices=EMBEDDINGS, default=list(EMBEDDINGS))
+    parser.add_argument("--embeddings", nargs="+", choices=EMBEDDINGS, default=["token", "time", "both"])
     parser.add_argument("--objective", choices=["diffusion", "flow_matching"], default="diffusion",
                         help="the trained models' objective (flow_matching: sampled with euler and dpm++ only)")
     parser.add_argument("--video-stage", action="store_true",
@@ -120,7 +123,9 @@ def train(args: argparse.Namespace, found: dict, embedding: str) -> tuple[Path, 
         record = json.loads(done.read_text())
         if record["train_steps"] == args.train_steps:
             return Path(record["checkpoint"]), record["seconds"]
-    overlay = {"model": {"init_args": {"ef_embedding": embedding, "objective": args.objective}},
+    base, film = embedding.removesuffix("+film"), embedding.endswith("+film")
+    overlay = {"model": {"init_args": {"ef_embedding": base, "objective": args.objective,
+                                       "time_embedding_norm": "scale_shift" if film else "default"}},
                "trainer": {"default_root_dir": str(folder), "max_steps": args.train_steps, "max_epochs": -1,
                            "callbacks": [], "enable_progress_bar": False},
                "data": {"root": found["data"], "latent_dir": found["encode"], "num_workers": 0}}
@@ -150,6 +155,7 @@ def video_stage(run: Path) -> tuple[str, str, tuple[Path, float], int]:
     checkpoint = check_checkpoint_file(record["checkpoint"])
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     embedding = saved["hyper_parameters"].get("ef_embedding", "token")
+    embedding += "+film" if saved["hyper_parameters"].get("time_embedding_norm") == "scale_shift" else ""
     objective = saved["hyper_parameters"].get("objective", "diffusion")
     seconds = float(record.get("fit_seconds", record["seconds"]))
     return embedding, objective, (checkpoint, seconds), int(saved["global_step"])

@@ -6,21 +6,20 @@ per attempt, with its EF and noise seed. For each batch the writer gives the gen
 anatomy model), the generator samples latents (:meth:`VideoDiffusionModule.predict_step`), and the writer decodes
 them with the VAE, writes each video as an AVI, reads the file back and scores what was written with the re-ID model
 against the training split — exactly what ``echo-lvdm evaluate`` would score under the same protocol (clips of
-``num_frames`` at the data's period or fps). A video whose best score exceeds τ — of that protocol — is
-deleted. Kept videos are numbered in attempt order until ``num_videos`` are kept; later passes are surplus.
-
-The folder's files and what the field's loaders read of them: :mod:`callbacks.synthetic_layout`.
+``num_frames`` at the data's period or fps). A video whose best score exceeds τ — of that protocol — is deleted. Kept
+videos are numbered in attempt order until ``num_videos`` are kept; later passes are surplus. The folder's files and
+what the field's loaders read of them: :mod:`callbacks.synthetic_layout`.
 
 Before the first attempt the filter is audited (``audit``): canaries — near-copies of training videos — are written
 and scored as attempts are; the recall per transform and the false-flag rate go into ``dataset.json``, and by default
 a filter below its floors writes nothing.
 
-Fail-closed: without a re-ID model the writer refuses, unless ``unfiltered: true``; an
-unfiltered dataset says so in ``dataset.json`` and in a ``NOT_PRIVACY_FILTERED.txt`` file beside its FileList.
-Resumable: a re-run with the same setup reads ``audit.csv`` and generates only the attempts that are not in it
-(a video written but not yet listed is deleted first). DDP: rank r generates attempts r, r + W, … of each round, the
-ranks gather their results after every batch and every rank applies them in attempt order, so the dataset does not
-depend on the number of ranks. The output folder must be on a file system every rank sees.
+Fail-closed: without a re-ID model the writer refuses, unless ``unfiltered: true``; an unfiltered dataset says so in
+``dataset.json`` and in a ``NOT_PRIVACY_FILTERED.txt`` beside its FileList. Resumable: a re-run with the same setup
+reads ``audit.csv`` and generates only the attempts not in it (a video written but not yet listed is deleted first).
+DDP: rank r generates attempts r, r + W, … of each round, the ranks gather their results after every batch and every
+rank applies them in attempt order, so the dataset does not depend on the number of ranks. The output folder must be
+on a file system every rank sees.
 """
 
 from __future__ import annotations
@@ -364,8 +363,7 @@ class SyntheticDatasetWriter(BasePredictionWriter):
             row["Split"] = split
         write_csv(self.out / "audit.csv", AUDIT_COLUMNS, rows)
         write_csv(self.out / "FileList.csv", FILELIST_COLUMNS, filelist_rows(kept, self.fps))
-        counts = {decision: sum(row["Decision"] == decision for row in rows)
-                  for decision in ("kept", "dropped", "surplus")}
+        counts = {kind: sum(row["Decision"] == kind for row in rows) for kind in ("kept", "dropped", "surplus")}
         meta = {"created_by": "echo-lvdm SyntheticDatasetWriter", "privacy_filtered": not self.unfiltered,
                 "privacy_threshold": None if self.reid is None else self.calibration.as_dict(),
                 "privacy_audit": self.audit_summary,

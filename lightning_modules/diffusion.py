@@ -21,6 +21,7 @@ from lightning_modules.diffusion_sampling import (blend_windows, denoising_loop,
                                                   make_sampler, sample_inputs)
 from lightning_modules.ef_weighting import ef_weights, empty_table, training_split_table
 from lightning_modules.ema import DenoiserEMA
+from lightning_modules.components.film import scale_shift_resnets
 from lightning_modules.flow_matching import default_sampler, training_pair, training_scheduler
 from lightning_modules.snr_weighting import check_snr_gamma, min_snr_weights
 from lightning_modules.joint_sampling import JointSchedule, check_joint_models, frame_prediction, latent_space_of
@@ -35,21 +36,20 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
     ``objective="flow_matching"``, the velocity of rectified flow under a :class:`FlowMatchEulerDiscreteScheduler`,
     sampled with its Euler or DPM-Solver++ (:mod:`~lightning_modules.flow_matching`).
 
-    Conditioning. EF → :class:`EFConditioner` token (its sinusoids: ``ef_encoding``, "timestep" or "smooth") →
-    cross-attention (``ef_embedding="token"``); or EF as a second added time id beside fps, whose embedding the UNet
-    adds to the timestep embedding of every ResNet block (``"time"``: SVD's ``added_time_ids`` path; the
-    cross-attention then reads the null token only); or both (``"both"``). In ``mode="video"`` a clean reference
-    latent frame of the same video (a random frame of the clip in training, the first in evaluation) is concatenated
-    on channels to every noisy frame (UNet ``in_channels = 2 × latent_channels``). The fps is an added time id.
-    Classifier-free guidance is trained: each sample's EF is replaced by the learned null token (and null time id)
-    with probability ``ef_dropout`` and its reference by zeros with probability ``reference_dropout`` (independently).
+    Conditioning. EF → :class:`EFConditioner` token (``ef_encoding``: "timestep" or "smooth" sinusoids) →
+    cross-attention (``ef_embedding="token"``); or a second added time id beside fps, embedded into the time embedding
+    of every ResNet block (``"time"``, SVD's ``added_time_ids``; the cross-attention then reads the null token); or
+    ``"both"``. That embedding is added (``time_embedding_norm="default"``) or scales and shifts the normalised
+    features (FiLM, ``"scale_shift"``: :mod:`~lightning_modules.components.film`). Video mode concatenates a clean
+    reference latent frame of the same video (a random frame of the clip in training, the first in evaluation) on
+    channels to every noisy frame. Guidance is trained: EF → the null token (and null time id) with probability
+    ``ef_dropout``, the reference → zeros with probability ``reference_dropout``, independently.
 
     ``mode="image"`` is the anatomy model: a ``sampling: frames`` batch's frames are single-frame clips (``T = 1``, no
     reference), EF-conditioned or, with ``ef_conditioning=False``, unconditional.
 
-    EMA (diffusers :class:`EMAModel`, :class:`~lightning_modules.ema.DenoiserEMA`) of the denoiser — the UNet and the
-    EF conditioner it reads, nothing frozen — updated once per optimizer step, swapped in for validation, test and
-    :meth:`sample` (a copy on the same device, no host round trip), saved in the checkpoint under ``"ema"``.
+    EMA (diffusers :class:`EMAModel`, :class:`~lightning_modules.ema.DenoiserEMA`) of the UNet and EF conditioner,
+    updated once per optimizer step, swapped in for validation, test and :meth:`sample`, checkpointed as ``"ema"``.
     Validation/test noise and (uniform) timesteps come per video from ``eval_seed`` and ``index``, equal under DDP.
 
     Training randomness is a function of (``seed_everything``'s seed, epoch, ``index``): each item's noise, timestep,
@@ -69,15 +69,12 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         ema_decay: EMA decay (None: no EMA); diffusers' warm-up ``min(decay, (1 + n) / (10 + n))`` applies.
         lr, weight_decay, lr_scheduler, warmup_steps, lr_decay_fraction: AdamW and a diffusers ``get_scheduler``
             schedule, per step; a constant one's last ``lr_decay_fraction`` of the steps decays linearly to 0 (WSD).
-        ef_loss_weight_cap, ef_loss_weight_bin: None (default): every training video's loss counts alike. A cap ≥ 1:
-            each is weighted by the inverse frequency of its EF's ``ef_loss_weight_bin``-percent bin in the training
-            split, capped, mean 1 (:func:`~lightning_modules.ef_weighting.ef_weight_table`); the table is counted at
-            the first fit start and kept in the checkpoint (``ef_weight_table``), so a resumed run weighs alike.
-        snr_gamma: None (default), or γ > 0: Min-SNR-γ loss weights (diffusers' ``--snr_gamma``): each training step
-            counts as ``min(SNR, γ)`` times its x₀ error (:func:`~lightning_modules.snr_weighting.min_snr_weights`).
+        ef_loss_weight_cap, ef_loss_weight_bin: None (default), or a cap ≥ 1: each training video's loss weighted by
+            the inverse frequency of its EF's bin, capped, mean 1 (:mod:`~lightning_modules.ef_weighting`; the table
+            is counted at the first fit start and kept in the checkpoint, so a resumed run weighs alike).
+        snr_gamma: None (default), or γ > 0: Min-SNR-γ loss weights (diffusers' ``--snr_gamma``).
         timestep_bias, timestep_bias_multiplier, timestep_bias_portion: "none" (default), or "later" / "earlier": the
-            noisiest / cleanest ``portion`` of the schedule is drawn ``multiplier`` times as often in training (as
-            diffusers' SDXL ``--timestep_bias_strategy``; :func:`~lightning_modules.diffusion_draws.biased_timestep_map`).
+            noisiest / cleanest ``portion`` of the schedule drawn ``multiplier`` times as often (SDXL's strategy).
     """
 
     def __init__(
@@ -92,6 +89,7 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
         ef_conditioning: bool = True,
         ef_embedding: Literal["token", "time", "both"] = "token",
         ef_encoding: Literal["timestep", "smooth"] = "timestep",
+        time_embedding_norm: Literal["default", "scale_shift"] = "default",
         reference_conditioning: bool = True,
         ef_dropout: float = 0.1,
         reference_dropout: float = 0.0,
@@ -125,8 +123,10 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             raise ValueError(f"mode must be 'video' or 'image', got {mode!r}")
         if mode == "image" and reference_conditioning:
             raise ValueError("mode='image' is the anatomy model (no reference): set reference_conditioning: false")
-        if ef_embedding not in ("token", "time", "both"):
-            raise ValueError(f"ef_embedding must be 'token', 'time' or 'both', got {ef_embedding!r}")
+        for name, value, allowed in (("ef_embedding", ef_embedding, ("token", "time", "both")),
+                                     ("time_embedding_norm", time_embedding_norm, ("default", "scale_shift"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         self.default_sampler = default_sampler(objective, sampler, snr_gamma, rescale_betas_zero_snr)
         check_snr_gamma(snr_gamma)
         check_decay_fraction(lr_decay_fraction, lr_scheduler)
@@ -149,6 +149,8 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
             # added time ids: fps, and EF where it is embedded with the timestep
             projection_class_embeddings_input_dim=addition_time_embed_dim * (1 if ef_embedding == "token" else 2),
         )
+        if time_embedding_norm == "scale_shift":
+            scale_shift_resnets(self.unet)
         self.conditioner = EFConditioner(cross_attention_dim, encoding=ef_encoding)
         self.noise_scheduler = training_scheduler(
             objective, num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
@@ -376,11 +378,9 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
     # ---------------------------------------------------------------------------------------------- predict
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """One sample per generation request (:mod:`datamodules.requests`): latents ``(N, T, C, h, w)`` for the
-        batch's valid, not yet done requests (``batch["valid"]``, and ``batch["todo"]`` when a writer set it), each
-        at its ``ef`` with noise from its own ``seed``, on its ``reference`` frame when the batch carries one; None
-        when there is nothing to do. Sampling options (``steps``, ``scheduler``, ``guidance_scale``, ``num_frames``)
-        come from ``self.predict_options``, which :class:`~callbacks.synthetic_writer.SyntheticDatasetWriter` sets:
-        with ``--ckpt_path`` the checkpoint's hyperparameters override command-line model arguments."""
+        valid, not yet done requests (``batch["valid"]`` and ``batch["todo"]``), each at its ``ef`` with noise from
+        its own ``seed``, on its ``reference`` frame if any; None when none is left. Sampling options come from
+        ``self.predict_options`` (set by :class:`~callbacks.synthetic_writer.SyntheticDatasetWriter`)."""
         todo = batch["valid"] & batch.get("todo", torch.ones_like(batch["valid"]))
         if not bool(todo.any()):
             return None

@@ -51,9 +51,8 @@ class ReIDModule(L.LightningModule):
     is comparable across epochs, batch sizes and rank counts; ``val/auc_same_video`` and ``val/auc_cross_video`` split
     it by kind of positive.
 
-    Normalisation (``normalize="frame_minmax"``): each frame is mapped to [-1, 1] by its own min and max over all
-    channels and pixels. It needs nothing but the frame, so real, cached and generated inputs are treated identically
-    (EchoNet-Synthetic normalised real and synthetic videos differently).
+    Normalisation (``normalize="frame_minmax"``): each frame to [-1, 1] by its own min and max over all channels and
+    pixels, so real, cached and generated inputs are treated alike (EchoNet-Synthetic normalised them differently).
 
     Calibration: at the end of every ``calibrate_every_n_epochs``-th validation the training split is embedded and
     τ (:func:`~lightning_modules.reid_search.privacy_threshold` at ``quantile``) is computed from the validation videos
@@ -72,14 +71,12 @@ class ReIDModule(L.LightningModule):
             identical frames score only the bias and a different frame can score higher (an exact copy's score is
             then not the ceiling) —, or ``"negative"``: :class:`NegativeHead`, every weight < 0, so the closer two
             embeddings, the higher their score.
-        layout_grid: ``0`` (off) or ``G``: add to the ResNet's output a linear map of the normalised frame
-            average-pooled to ``G × G`` cells. The ResNet ends in global average pooling, which discards *where*
-            things are; on the phantom the layout is most of the identity (on a 96-patient phantom the small latent
-            ResNet reached test AUC 0.83 without it, 0.90–0.97 with it).
-        hard_negatives: share of the training negatives (0–1) replaced by the anchor's hardest in-batch negative —
-            the other patient's frame the head currently scores highest — instead of a random one. Random negatives
-            are mostly easy; the held-out errors are look-alike patients (on a 96-patient phantom, 1.0 with batch 32
-            raised test AUC from 0.90–0.97 to 0.996–0.999).
+        layout_grid: ``0`` (off) or ``G``: add to the ResNet's output a linear map of the normalised frame pooled to
+            ``G × G`` cells: global pooling discards *where* things are, most of a phantom patient's identity (96
+            patients: test AUC 0.83 without it, 0.90–0.97 with it).
+        hard_negatives: share of the training negatives (0–1) replaced by the anchor's hardest in-batch negative (the
+            other patient's frame the head scores highest): random ones are mostly easy, held-out errors look-alikes
+            (96 patients, batch 32: 1.0 raised test AUC from 0.90–0.97 to 0.996–0.999).
         lr, weight_decay: AdamW. lr_schedule: ``"cosine"`` decays to 0 over the run after a linear warm-up of
             ``warmup_fraction`` of the steps (the held-out AUC of a constant rate kept swinging by ±0.1 between
             epochs on the phantom); ``"constant"``.
@@ -90,9 +87,8 @@ class ReIDModule(L.LightningModule):
         augment_vae: exported VAE folder (``echo-lvdm export-vae``; the VAE that wrote the latent cache) for a latent
             model trained with ``data.augment_frames``: the batch's ``augmented`` pixel frames — near-copies of its
             frames (:mod:`datamodules.augment`) — are encoded by it (posterior mean × scaling factor, as the cache
-            and the filter encode) and join their item as extra frames, so they are positives of its frames and
-            negatives of everyone else's. A pixel model uses them as they are. Frozen, not in the checkpoint's
-            weights; only fitting reads it.
+            and the filter encode) and join their item as extra frames: positives of its frames, negatives of all
+            others. A pixel model uses them as they are. Frozen, not in the checkpoint; only fitting reads it.
     """
 
     def __init__(

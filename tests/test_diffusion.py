@@ -325,13 +325,15 @@ class LossRecorder(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-@pytest.mark.parametrize("mode,objective", [("video", "diffusion"), ("image", "diffusion"), ("video", "flow_matching")])
-def test_loss_falls_on_phantom_latents(latent_phantom, tmp_path, mode, objective):
+@pytest.mark.parametrize("mode,objective,norm", [("video", "diffusion", "default"), ("image", "diffusion", "default"),
+                                                ("video", "flow_matching", "default"),
+                                                ("video", "diffusion", "scale_shift")])
+def test_loss_falls_on_phantom_latents(latent_phantom, tmp_path, mode, objective, norm):
     torch.manual_seed(0)
     recorder = LossRecorder()
     image = mode == "image"
     module = VideoDiffusionModule(**TINY_DIFFUSION, mode=mode, reference_conditioning=not image, ema_decay=None,
-                                  objective=objective)
+                                  objective=objective, time_embedding_norm=norm)
     datamodule = latent_datamodule(latent_phantom, **({"sampling": "frames", "num_frames": 4} if image else {}))
     trainer = quiet_trainer(tmp_path, max_steps=60, overfit_batches=1, callbacks=[recorder],
                             enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
