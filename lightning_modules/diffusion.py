@@ -378,9 +378,9 @@ class VideoDiffusionModule(DenoiserEMA, L.LightningModule):
     # ---------------------------------------------------------------------------------------------- predict
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """One sample per generation request (:mod:`datamodules.requests`): latents ``(N, T, C, h, w)`` for the
-        valid, not yet done requests (``batch["valid"]`` and ``batch["todo"]``), each at its ``ef`` with noise from
-        its own ``seed``, on its ``reference`` frame if any; None when none is left. Sampling options come from
-        ``self.predict_options`` (set by :class:`~callbacks.synthetic_writer.SyntheticDatasetWriter`)."""
+        valid, not yet done requests (``batch["valid"]``, ``batch["todo"]``), each at its ``ef`` with noise from its
+        ``seed``, on its ``reference`` frame if any; None if none is left. Sampling options: ``self.predict_options``,
+        set by the writer (with ``--ckpt_path`` the checkpoint's hyperparameters override command-line model ones)."""
         todo = batch["valid"] & batch.get("todo", torch.ones_like(batch["valid"]))
         if not bool(todo.any()):
             return None
