@@ -288,7 +288,8 @@ class CoverageCallback(L.Callback):
                                    generator=generators, **self._options())
         rows = torch.searchsorted(self.heldout.index.to(index.device), index)
         source = self.heldout.embedding.to(index.device)[rows]  # the source videos, under the protocol
-        self.measures.update(index, self._embed(latents, index), source, ef, self._read_ef(latents))
+        embedding, read = self._measure(latents, index)
+        self.measures.update(index, embedding, source, ef, read)
 
     def _options(self) -> dict:
         """The model's sampling options (the anatomy fit's too: there joint sampling is refused)."""
@@ -304,20 +305,24 @@ class CoverageCallback(L.Callback):
         """Generated latents as a video file holds them: decoded by the VAE and quantised to 8 bits, in [-1, 1]."""
         return decode_as_written(self.vae, latents)
 
-    def _embed(self, latents: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Per-frame re-ID embeddings of the protocol's frames of generated latents. With a VAE, the frames are
-        measured as a written video is (``evaluate``, the writer): decoded, quantised, encoded again (posterior mean ×
-        scaling factor) — generated latents read differently from the VAE's encoding of their own decoding."""
-        frames = self.protocol.frames_of(latents, index)
-        if self.vae is not None:
-            frames = EncodedReID(self.reid, self.vae).latents(self._as_written(frames))
-        return self.reid.embed_videos(frames.to(self.reid.device, self.reid.dtype))
-
-    def _read_ef(self, latents: torch.Tensor) -> torch.Tensor | None:
-        if self.regressor is None:
-            return None
-        pixels = self.regressor.hparams.in_channels != latents.shape[2]
-        return self.regressor.read_ef(self._as_written(latents) if pixels else latents, self.ef_size)
+    def _measure(self, latents: torch.Tensor, index: torch.Tensor, read_ef: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-frame re-ID embeddings of the protocol's frames of generated latents, and (with an EF regressor and
+        ``read_ef``) the EF it reads from them. With a VAE, the frames are measured as a written video is (``evaluate``,
+        the writer): decoded, quantised, encoded again (posterior mean × scaling factor) — generated latents read
+        differently from the VAE's encoding of their own decoding. A pixel regressor reads the same decoding: each
+        video is decoded once."""
+        read_ef = read_ef and self.regressor is not None
+        pixels = read_ef and self.regressor.hparams.in_channels != latents.shape[2]
+        written = self._as_written(latents) if pixels else None
+        read = self.regressor.read_ef(latents if written is None else written, self.ef_size) if read_ef else None
+        if self.vae is None:
+            frames = self.protocol.frames_of(latents, index)
+        else:
+            frames = (self._as_written(self.protocol.frames_of(latents, index)) if written is None
+                      else self.protocol.frames_of(written, index))
+            frames = EncodedReID(self.reid, self.vae).latents(frames)
+        return self.reid.embed_videos(frames.to(self.reid.device, self.reid.dtype)), read
 
     @torch.no_grad()
     def _sample_requests(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -335,9 +340,8 @@ class CoverageCallback(L.Callback):
             else:
                 latents = generate_requested(pl_module, self.anatomy, ef, seeds, **options)
             index = torch.tensor(attempts, device=pl_module.device)
-            read = self._read_ef(latents) if self.mode == "synthetic" else None
-            self.measures.update_synthetic(index, self._embed(latents, index), ef if read is not None else None,
-                                           read)
+            embedding, read = self._measure(latents, index, read_ef=self.mode == "synthetic")
+            self.measures.update_synthetic(index, embedding, ef if read is not None else None, read)
             if self.generative is not None:
                 self.generative.update(self.vae, latents, index)
 

@@ -30,7 +30,7 @@ from lightning_modules.reid_search import (
     privacy_threshold,
     training_pairs,
 )
-from lightning_modules.vae_utils import checksum_of_weights
+from lightning_modules.vae_utils import checksum_of_weights, encode_means
 
 EVAL_STAGES = ("val", "test")
 
@@ -265,9 +265,7 @@ class ReIDModule(L.LightningModule):
             raise ValueError("the batch carries augmented pixel frames (data.augment_frames) but this latent re-ID "
                              "model has no VAE to encode them: set model.augment_vae to the exported VAE folder")
         vae.to(self.device)
-        frames = augmented.flatten(0, 1).to(self.device, vae.dtype)
-        with torch.no_grad():
-            mean = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in frames.split(64)])
+        mean = encode_means(vae, augmented.flatten(0, 1))
         return (mean * float(vae.config.scaling_factor)).to(self.dtype).unflatten(0, augmented.shape[:2])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

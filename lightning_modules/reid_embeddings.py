@@ -20,7 +20,7 @@ from torch import nn
 
 from datamodules.video_io import atomic_output
 from lightning_modules.metrics import IndexedCat
-from lightning_modules.vae_utils import checksum_of_weights
+from lightning_modules.vae_utils import checksum_of_weights, encode_means
 
 # DataModule options that change which frames are embedded and how they look (batching and workers do not).
 _KEY_OPTIONS = ("sampling", "clip_length", "period", "fps", "num_frames", "pad", "channels", "size", "eval_seed",
@@ -55,8 +55,7 @@ class EncodedReID(nn.Module):
 
     def latents(self, video: torch.Tensor) -> torch.Tensor:
         """Pixel videos ``(B, T, C, H, W)`` → scaled latents (the VAE's posterior mean × its scaling factor)."""
-        frames = video.flatten(0, 1).to(self.vae.device, self.vae.dtype)
-        mean = torch.cat([self.vae.encode(chunk).latent_dist.mean for chunk in frames.split(32)])
+        mean = encode_means(self.vae, video.flatten(0, 1))
         return (mean * float(self.vae.config.scaling_factor)).float().unflatten(0, video.shape[:2])
 
     def embed_videos(self, video: torch.Tensor) -> torch.Tensor:

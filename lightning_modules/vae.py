@@ -21,7 +21,7 @@ from datamodules.sampler import global_seed
 from lightning_modules.checkpoints import load_module
 from lightning_modules.image_logging import image_grid, log_image, to_uint8
 from lightning_modules.components import NLayerDiscriminator, hinge_discriminator_loss, hinge_generator_loss
-from lightning_modules.vae_utils import checksum_of_weights, latent_stats, scale_from_stats
+from lightning_modules.vae_utils import checksum_of_weights, frames_per_call, latent_stats, scale_from_stats
 
 __all__ = ["VAEModule", "checksum_of_weights", "export_vae"]
 
@@ -253,7 +253,7 @@ class VAEModule(L.LightningModule):
 
     @torch.no_grad()
     def estimate_scaling_factor(self, dataloader: Iterable[dict[str, torch.Tensor]], *, max_batches: int | None = None,
-                                chunk_size: int = 64, update: bool = True) -> float:
+                                chunk_size: int | None = None, update: bool = True) -> float:
         """1/std of posterior samples of the frames of ``dataloader`` (batch-contract dicts) with the current weights.
 
         Reads at most ``max_batches`` batches, on this process only (no DDP reduction). ``update`` stores the result
@@ -283,16 +283,17 @@ class VAEModule(L.LightningModule):
         finally:
             self.vae.train(was_training)
 
-    def encode_frames(self, frames: torch.Tensor, chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_frames(self, frames: torch.Tensor, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames ``(N, C, H, W)`` in [-1, 1] → posterior ``(mean, logvar)``, each float32 ``(N, latent, h, w)``.
 
         Unscaled (multiply samples by ``scaling_factor`` for diffusion). ``logvar`` is clamped to [-30, 20] as diffusers
-        does. Runs in eval mode without gradients, ``chunk_size`` frames at a time on the module's device; results
-        are gathered on ``frames``' device so long videos do not pile up in accelerator memory.
+        does. Runs in eval mode without gradients, ``chunk_size`` frames at a time (default
+        :func:`~lightning_modules.vae_utils.frames_per_call`) on the module's device; results are gathered on
+        ``frames``' device so long videos do not pile up in accelerator memory.
         """
         means, logvars = [], []
         with self._inference():
-            for chunk in frames.split(chunk_size):
+            for chunk in frames.split(chunk_size or frames_per_call(self.device)):
                 posterior = self.vae.encode(chunk.to(self.device, self.dtype)).latent_dist
                 means.append(posterior.mean.float().to(frames.device))
                 logvars.append(posterior.logvar.float().to(frames.device))
@@ -306,17 +307,19 @@ class VAEModule(L.LightningModule):
         return {"index": batch["index"], "mean": mean.unflatten(0, shape).half(),
                 "logvar": logvar.unflatten(0, shape).half()}
 
-    def decode_latents(self, latents: torch.Tensor, *, scaled: bool = True, chunk_size: int = 32) -> torch.Tensor:
+    def decode_latents(self, latents: torch.Tensor, *, scaled: bool = True, chunk_size: int | None = None
+                       ) -> torch.Tensor:
         """Latents ``(B, T, latent, h, w)`` → uint8 frames ``(B, T, H, W)`` (grayscale) or ``(B, T, H, W, 3)`` (RGB).
 
         ``scaled``: the latents were multiplied by ``scaling_factor`` (diffusion outputs) and are divided by it first.
-        Decodes ``chunk_size`` frames at a time, so memory is bounded for long videos; pixels are rounded and clamped.
+        Decodes ``chunk_size`` frames at a time (default :func:`~lightning_modules.vae_utils.frames_per_call`), so
+        memory is bounded for long videos; pixels are rounded and clamped.
         The result is on ``latents``' device.
         """
         batch, time = latents.shape[:2]
         decoded = []
         with self._inference():
-            for chunk in latents.flatten(0, 1).split(chunk_size):
+            for chunk in latents.flatten(0, 1).split(chunk_size or frames_per_call(self.device)):
                 chunk = chunk.to(self.device, self.dtype)
                 if scaled:
                     chunk = chunk / self.scaling_factor.to(chunk.dtype)

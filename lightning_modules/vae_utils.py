@@ -77,14 +77,33 @@ def load_frozen_vae(path: str | Path) -> AutoencoderKL:
     return vae
 
 
+def frames_per_call(device: torch.device | str) -> int:
+    """Frames per VAE encode or decode call where the caller does not choose: 8 on the CPU, 64 on an accelerator.
+
+    On the CPU the activations of a few 112² frames stay in cache: on 2 cores the quickstart's VAE encodes 2.2× and
+    decodes 1.5× faster 8 frames at a time than 64 or 32 at a time, with equal outputs (``benchmarks/vae_chunks.py``).
+    An accelerator is filled by larger batches."""
+    return 8 if torch.device(device).type == "cpu" else 64
+
+
 @torch.no_grad()
-def decode_frames(vae: AutoencoderKL, latents: torch.Tensor, chunk_size: int = 32) -> torch.Tensor:
+def encode_means(vae: AutoencoderKL, frames: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Pixel frames ``(N, C, H, W)`` in [-1, 1] → the posterior means ``(N, latent, h, w)`` (unscaled, in the VAE's
+    dtype, on its device), ``chunk_size`` frames at a time (default :func:`frames_per_call`)."""
+    frames = frames.to(vae.device, vae.dtype)
+    return torch.cat([vae.encode(chunk).latent_dist.mean
+                      for chunk in frames.split(chunk_size or frames_per_call(vae.device))])
+
+
+@torch.no_grad()
+def decode_frames(vae: AutoencoderKL, latents: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """Scaled latents ``(B, T, C, h, w)`` (as the diffusion model samples them) → float32 pixels ``(B, T, C', H, W)``
-    in the model range (about [-1, 1], not clamped), ``chunk_size`` frames at a time on the VAE's device."""
+    in the model range (about [-1, 1], not clamped), ``chunk_size`` frames at a time (default
+    :func:`frames_per_call`) on the VAE's device."""
     batch, time = latents.shape[:2]
     scale = float(vae.config.scaling_factor)
     chunks = [vae.decode(chunk.to(vae.device, vae.dtype) / scale).sample.float()
-              for chunk in latents.flatten(0, 1).split(chunk_size)]
+              for chunk in latents.flatten(0, 1).split(chunk_size or frames_per_call(vae.device))]
     return torch.cat(chunks).unflatten(0, (batch, time))
 
 

@@ -253,6 +253,35 @@ def test_videos_animated_from_anatomy_frames_log_what_an_independent_computation
     assert images == ["val_coverage_curve", "val_coverage_scores"]
 
 
+def test_a_pixel_regressor_reads_the_decoding_the_re_id_measures_and_each_video_is_decoded_once(world, tmp_path,
+                                                                                              monkeypatch):
+    """The pipeline's setting, an EF regressor on pixels beside the VAE: the logged EF faithfulness is the regressor's
+    reading of the videos as written (decoded, quantised), the coverage that of their re-encoding, and the VAE
+    decodes each generated video once for both."""
+    import callbacks.coverage as coverage_module
+    from lightning_modules.vae_utils import decode_as_written, load_frozen_vae
+
+    torch.manual_seed(2)
+    regressor = EFRegressorModule(in_channels=1, **TINY_EF)  # random weights: each video reads its own EF
+    with torch.no_grad():
+        regressor.network.fc.bias.fill_(50.0)
+    decoded = []
+    monkeypatch.setattr(coverage_module, "decode_as_written",
+                        lambda vae, latents: decoded.append(len(latents)) or decode_as_written(vae, latents))
+    callback = CoverageCallback(str(world.reid_ckpt), ef_regressor=str(save_cli_checkpoint(regressor, tmp_path / "ef.ckpt")),
+                                anatomy=str(world.lidm_ckpt), vae=str(world.out / "vae"), num_samples=7, batch_size=3,
+                                steps=STEPS, k=2, cache_dir=str(tmp_path / "cache"))
+    values = validate(world.diffusion, callback, tmp_path, world.data)
+    assert decoded == [3, 3, 1]
+    ef, synthetic = requested_samples(world, 7)
+    with torch.no_grad():
+        read = regressor.eval().read_ef(decode_as_written(load_frozen_vae(world.out / "vae"), synthetic))
+    expected = {**synthetic_oracle(world, 7, written=True), **ef_faithfulness(read.double().numpy(), ef.double().numpy())}
+    for name, value in expected.items():
+        assert values[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    assert len(set(read.tolist())) == 7
+
+
 def test_fid_is_fvd_of_the_requests_equal_an_oracle(world, tmp_path):
     """With stand-in TorchScript extractors and the VAE: ``val/fid``, ``val/is``, ``val/fvd4`` of the decoded,
     quantised requests and ``val/real_*`` of the validation videos, both against the training split's pixel clips,

@@ -17,7 +17,7 @@ from PIL import Image
 from lightning_modules.image_logging import log_image
 from datamodules.datamodule import EchoNetDataModule
 from lightning_modules.vae import VAEModule, checksum_of_weights, export_vae
-from lightning_modules.vae_utils import scale_from_stats
+from lightning_modules.vae_utils import decode_frames, encode_means, frames_per_call, scale_from_stats
 from tests.helpers.cli import REPO, run_cli
 from tests.helpers.models import TINY_VAE
 
@@ -165,6 +165,22 @@ def test_decode_latents_in_chunks_equals_all_at_once(trained):
     expected = ((by_hand.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).reshape(2, 5, SIZE, SIZE)
     assert (chunked.int() - expected.int()).abs().max() <= 1  # float reassociation may flip a rounding
     assert not torch.equal(module.decode_latents(latents, scaled=False), chunked)
+
+
+def test_default_chunks_give_what_any_chunking_gives(trained):
+    """Encoding and decoding without a chunk size (8 frames per call on the CPU, 64 on an accelerator) give the
+    frames-at-once result: chunking is a speed setting only (benchmarks/vae_chunks.py)."""
+    module, vae = trained.module, trained.module.vae.eval()
+    assert frames_per_call("cpu") == 8 and frames_per_call(torch.device("cuda", 0)) == 64
+    torch.manual_seed(0)
+    frames = torch.rand(19, 1, SIZE, SIZE) * 2 - 1  # 2 full chunks of 8 and a partial one
+    latents = torch.randn(2, 10, 4, SIZE // 2, SIZE // 2)
+    with torch.no_grad():
+        whole_mean = vae.encode(frames).latent_dist.mean
+        whole_pixels = vae.decode(latents.flatten(0, 1) / vae.config.scaling_factor).sample.unflatten(0, (2, 10))
+        torch.testing.assert_close(encode_means(vae, frames), whole_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(module.encode_frames(frames)[0], whole_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(decode_frames(vae, latents), whole_pixels, rtol=1e-5, atol=1e-5)
 
 
 def test_predict_returns_unscaled_posterior_per_frame(trained):
