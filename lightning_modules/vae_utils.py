@@ -80,9 +80,10 @@ def load_frozen_vae(path: str | Path) -> AutoencoderKL:
 def frames_per_call(device: torch.device | str) -> int:
     """Frames per VAE encode or decode call where the caller does not choose: 8 on the CPU, 64 on an accelerator.
 
-    On the CPU the activations of a few 112² frames stay in cache: on 2 cores the quickstart's VAE encodes 2.2× and
-    decodes 1.5× faster 8 frames at a time than 64 or 32 at a time, with equal outputs (``benchmarks/vae_chunks.py``).
-    An accelerator is filled by larger batches."""
+    On the CPU the activations of a few 112² frames stay in cache: on 2 cores the quickstart's VAE encodes 1.85× and
+    decodes 1.34× faster 8 frames at a time than 64 and 32 at a time (``benchmarks/vae_chunks.py``). The outputs are
+    equal up to float rounding (a chunk of one frame takes another convolution path, whatever the chunk size). An
+    accelerator is filled by larger batches."""
     return 8 if torch.device(device).type == "cpu" else 64
 
 
