@@ -288,7 +288,7 @@ class CoverageCallback(L.Callback):
                                    generator=generators, **self._options())
         rows = torch.searchsorted(self.heldout.index.to(index.device), index)
         source = self.heldout.embedding.to(index.device)[rows]  # the source videos, under the protocol
-        embedding, read = self._measure(latents, index)
+        embedding, read, _ = self._measure(latents, index)
         self.measures.update(index, embedding, source, ef, read)
 
     def _options(self) -> dict:
@@ -306,23 +306,21 @@ class CoverageCallback(L.Callback):
         return decode_as_written(self.vae, latents)
 
     def _measure(self, latents: torch.Tensor, index: torch.Tensor, read_ef: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-frame re-ID embeddings of the protocol's frames of generated latents, and (with an EF regressor and
-        ``read_ef``) the EF it reads from them. With a VAE, the frames are measured as a written video is (``evaluate``,
-        the writer): decoded, quantised, encoded again (posterior mean × scaling factor) — generated latents read
-        differently from the VAE's encoding of their own decoding. A pixel regressor reads the same decoding: each
-        video is decoded once."""
-        read_ef = read_ef and self.regressor is not None
-        pixels = read_ef and self.regressor.hparams.in_channels != latents.shape[2]
-        written = self._as_written(latents) if pixels else None
-        read = self.regressor.read_ef(latents if written is None else written, self.ef_size) if read_ef else None
-        if self.vae is None:
-            frames = self.protocol.frames_of(latents, index)
-        else:
-            frames = (self._as_written(self.protocol.frames_of(latents, index)) if written is None
-                      else self.protocol.frames_of(written, index))
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Per-frame re-ID embeddings of the protocol's frames of generated latents; (with an EF regressor and
+        ``read_ef``) the EF it reads from them; and, with a VAE, the videos as written. With a VAE every measure reads
+        one decoding, quantised as a written video is (``evaluate``, the writer): a pixel regressor reads it, and the
+        re-ID its encoding again (posterior mean × scaling factor) — generated latents read differently from the VAE's
+        encoding of their own decoding."""
+        written = None if self.vae is None else self._as_written(latents)
+        read = None
+        if read_ef and self.regressor is not None:
+            pixels = self.regressor.hparams.in_channels != latents.shape[2]
+            read = self.regressor.read_ef(written if pixels else latents, self.ef_size)
+        frames = self.protocol.frames_of(latents if written is None else written, index)
+        if written is not None:
             frames = EncodedReID(self.reid, self.vae).latents(frames)
-        return self.reid.embed_videos(frames.to(self.reid.device, self.reid.dtype)), read
+        return self.reid.embed_videos(frames.to(self.reid.device, self.reid.dtype)), read, written
 
     @torch.no_grad()
     def _sample_requests(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -340,10 +338,10 @@ class CoverageCallback(L.Callback):
             else:
                 latents = generate_requested(pl_module, self.anatomy, ef, seeds, **options)
             index = torch.tensor(attempts, device=pl_module.device)
-            embedding, read = self._measure(latents, index, read_ef=self.mode == "synthetic")
+            embedding, read, written = self._measure(latents, index, read_ef=self.mode == "synthetic")
             self.measures.update_synthetic(index, embedding, ef if read is not None else None, read)
-            if self.generative is not None:
-                self.generative.update(self.vae, latents, index)
+            if self.generative is not None:  # it needs the VAE: the videos as written
+                self.generative.update(written, index)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Runs before the module's own epoch end: the EMA weights it swapped in are still in place.

@@ -15,7 +15,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from datamodules import EchoNetDataModule
 from lightning_modules.image_logging import to_uint8
 from lightning_modules.metrics.generative import I3D, INCEPTION, GenerativeMetrics, load_extractor, measure_dataset
-from lightning_modules.vae_utils import decode_frames
 
 
 class GenerativeMeasures:
@@ -83,9 +82,9 @@ class GenerativeMeasures:
         self.size = tuple(int(side) * factor for side in latent_shape[1:].tolist())
         return self.size
 
-    def update(self, vae, latents: torch.Tensor, index: torch.Tensor) -> None:
-        """Generated latents of requests ``index``, decoded and quantised as a written video is."""
-        pixels = to_uint8(decode_frames(vae, latents))
+    def update(self, written: torch.Tensor, index: torch.Tensor) -> None:
+        """Generated videos of requests ``index`` as written: decoded and quantised, in [-1, 1] (``decode_as_written``)."""
+        pixels = to_uint8(written)
         if tuple(pixels.shape[-2:]) != self.size:
             raise ValueError(f"CoverageCallback: the VAE decodes {tuple(pixels.shape[-2:])} frames, not the "
                              f"{self.size} its latent shape implies: FID/FVD would compare different sizes")
